@@ -1,0 +1,260 @@
+"""The pipeline's stages as plain functions, and ``run`` that chains them without Prefect.
+
+The Prefect tasks in ``tasks/`` call these functions one to one; the flows in ``flows/`` wire the
+tasks. Stages pass small references (store path, run id, shape, file paths), never arrays: the
+store is the one channel for heavy data, which keeps retries and caching cheap.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dwk import sources
+from dwk.config import CheckpointSpec, DaskConfig, RunConfig
+from dwk.extract import EXTRACTOR_VERSION, extract_model
+from dwk.store import KernelStore
+
+logger = logging.getLogger(__name__)
+
+
+def data_dir(cfg: RunConfig) -> Path:
+    """Where dwk writes checkpoint files of its own (planted demo checkpoints)."""
+    return cfg.store.parent / "checkpoints"
+
+
+# ----------------------------------------------------------------------------- extraction
+def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, chunk_kernels: int) -> dict[str, Any]:
+    """Extract one checkpoint into the store, unless it is already there from the same weights.
+
+    Returns ``{id, source, status: "extracted" | "skipped", n_kernels, shapes, fingerprint}``.
+    Raises ``sources.CheckpointError`` or ``extract.NoDepthwiseError`` with a message for the user.
+    """
+    store = KernelStore(store_path)
+    fp = sources.fingerprint(spec, data_path)
+    if store.is_complete(spec.id, fp, EXTRACTOR_VERSION):
+        rec = store.checkpoint(spec.id)
+        logger.info("%s: already extracted (%d kernels), skipping", spec.id, rec.n_kernels)
+        return dict(id=spec.id, source=spec.source, status="skipped", n_kernels=rec.n_kernels, shapes=rec.shapes,
+                    fingerprint=fp)
+    t0 = time.perf_counter()
+    loaded = sources.load(spec, data_path)
+    try:
+        extracted = extract_model(loaded.model, labels=loaded.labels)
+    except ValueError as e:
+        raise sources.CheckpointError(spec.id, str(e)) from e
+    rec = store.write_checkpoint(
+        spec.id, source=spec.source, fingerprint=fp, extractor_version=EXTRACTOR_VERSION, extracted=extracted,
+        chunk_kernels=chunk_kernels, extra=dict(model=spec.model_name, file=str(loaded.path) if loaded.path else None),
+    )
+    logger.info("%s: extracted %d depthwise kernels %s from %d layers in %.1fs", spec.id, rec.n_kernels, rec.shapes,
+                len(rec.layers), time.perf_counter() - t0)
+    return dict(id=spec.id, source=spec.source, status="extracted", n_kernels=rec.n_kernels, shapes=rec.shapes,
+                fingerprint=fp)
+
+
+# ----------------------------------------------------------------------------- run set-up
+def new_run_id(cfg: RunConfig) -> str:
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint()[:6]}"
+
+
+def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_id: str | None) -> list[str]:
+    """Register a run over the checkpoints that extracted; returns the kernel shapes to analyse."""
+    store = KernelStore(cfg.store)
+    by_id = {c.id: c for c in cfg.checkpoints}
+    ckpts = [dict(id=e["id"], source=e["source"], control=by_id[e["id"]].is_control) for e in extracted]
+    shapes = sorted({s for e in extracted for s in e["shapes"]}, key=lambda s: tuple(map(int, s.split("x"))))
+    store.create_run(run_id, dict(config=cfg.model_dump(mode="json"), checkpoints=ckpts, shapes=shapes,
+                                  mlflow_run_id=mlflow_run_id, offsets={}))
+    return shapes
+
+
+@contextlib.contextmanager
+def dask_client(cfg: DaskConfig) -> Iterator[Any]:
+    """A Dask client: the scheduler at ``cfg.address``, or a local cluster of worker processes.
+
+    The local cluster and its dashboard bind to 127.0.0.1 only.
+    """
+    from distributed import Client, LocalCluster
+
+    if cfg.address:
+        with Client(cfg.address) as client:
+            logger.info("Dask: joined %s (dashboard %s)", cfg.address, client.dashboard_link)
+            yield client
+        return
+    with LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
+                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        logger.info("Dask: local cluster of %d workers (dashboard %s)", cfg.n_workers, client.dashboard_link)
+        yield client
+
+
+def normalize_run(cfg: RunConfig, run_id: str, client=None) -> dict[str, dict]:
+    """Normalise every shape group of a run with Dask; returns per-shape counts."""
+    from dwk.normalize import normalize_shape
+
+    store = KernelStore(cfg.store)
+    meta = store.run_meta(run_id)
+    out = {}
+    for shape in meta["shapes"]:
+        ids = [c["id"] for c in meta["checkpoints"] if shape in (store.checkpoint(c["id"]).shapes or {})]
+        res = normalize_shape(store, run_id, shape, ids, cfg.normalize, chunk_kernels=cfg.normalize.chunk_kernels,
+                              client=client)
+        out[shape] = dict(n_kernels=res.n_kernels, n_nonfinite=res.n_nonfinite, n_dead=res.n_dead,
+                          per_checkpoint=res.per_checkpoint)
+    return out
+
+
+def run_dir(cfg: RunConfig, run_id: str) -> Path:
+    return cfg.out / run_id
+
+
+def train_shape(cfg: RunConfig, run_id: str, shape: str, mlflow_run_id: str | None = None) -> str:
+    """Train one shape's autoencoder; per-epoch loss to MLflow; returns the saved model's path."""
+    from dwk import analysis
+
+    on_epoch, flush = (None, lambda: None)
+    if mlflow_run_id:
+        from dwk import tracking
+
+        on_epoch, flush = tracking.epoch_logger(mlflow_run_id, f"loss_{shape}")
+    path, losses = analysis.train_shape(KernelStore(cfg.store), run_id, shape, cfg, run_dir(cfg, run_id) / "models",
+                                        on_epoch=on_epoch)
+    flush()
+    if mlflow_run_id:
+        from dwk import tracking
+
+        tracking.log_metrics(mlflow_run_id, {f"final_loss_{shape}": losses[-1]})
+    return str(path)
+
+
+def cluster_shape(cfg: RunConfig, run_id: str, shape: str, model_path: str) -> dict:
+    from dwk import analysis
+
+    return analysis.cluster_shape(KernelStore(cfg.store), run_id, shape, cfg, Path(model_path))
+
+
+# ----------------------------------------------------------------------------- report
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (np.ndarray, Path)):
+        return o.tolist() if isinstance(o, np.ndarray) else str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def finalize(
+    cfg: RunConfig,
+    run_id: str,
+    shape_summaries: dict[str, dict],
+    model_paths: dict[str, str],
+    failures: list[dict],
+    extracted: list[dict],
+    mlflow_run_id: str | None,
+) -> dict:
+    """Tables, figures, ``summary.json`` and the MLflow record of a finished run."""
+    import matplotlib.pyplot as plt
+
+    from dwk import analysis, report
+
+    store = KernelStore(cfg.store)
+    out = run_dir(cfg, run_id)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    rows, layer_rows = analysis.checkpoint_tables(store, run_id, shape_summaries)
+    status = {e["id"]: e["status"] for e in extracted}
+    for r in rows:
+        r["extraction"] = status.get(r["id"])
+    summary = dict(
+        run_id=run_id,
+        mlflow_run_id=mlflow_run_id,
+        store=str(cfg.store.resolve()),
+        out=str(out.resolve()),
+        config=cfg.model_dump(mode="json"),
+        checkpoints=rows,
+        failed=failures,
+        shapes=shape_summaries,
+        layers=layer_rows,
+    )
+    figures = {}
+    for shape, s in shape_summaries.items():
+        figures[f"gallery-{shape}.png"] = report.gallery(s)
+        figures[f"latent-{shape}.png"] = report.latent_histogram(s)
+        figures[f"tau-curve-{shape}.png"] = report.tau_curve_figure(s)
+    for r in rows:
+        figures[f"layers-{r['id']}.png"] = report.layer_shares(layer_rows, r["id"])
+    for name, fig in figures.items():
+        fig.savefig(out / "figures" / name, dpi=110)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    (out / "checkpoints.txt").write_text(report.checkpoint_table_text(rows + failures) + "\n")
+
+    if mlflow_run_id:
+        from dwk import autoencoder as ae
+        from dwk import tracking
+
+        metrics: dict[str, float] = {}
+        for shape, s in shape_summaries.items():
+            metrics.update({
+                f"classified_share_{shape}": s["classified_share"], f"classified_share_tau_{shape}": s["classified_share_tau"],
+                f"tau_null_{shape}": s["tau_null"], f"n_clusters_{shape}": len(s["clusters"]),
+                f"n_minor_clusters_{shape}": sum(c["minor"] for c in s["clusters"]), f"n_kernels_{shape}": s["n_kernels"],
+            })
+            if "paper" in s:
+                metrics[f"paper_classified_share_{shape}"] = s["paper"]["classified_share"]
+                metrics[f"paper_n_clusters_{shape}"] = s["paper"]["n_clusters"]
+            if "planted" in s and s["planted"]["ari"] is not None:
+                metrics[f"planted_ari_{shape}"] = s["planted"]["ari"]
+        for r in rows:
+            metrics[f"classified_share.{r['id']}"] = r["classified_share"]
+        metrics["n_failed_checkpoints"] = len(failures)
+        tracking.log_metrics(mlflow_run_id, metrics)
+        tracking.log_table(mlflow_run_id, rows, "tables/checkpoints.json")
+        tracking.log_table(mlflow_run_id, layer_rows, "tables/layers.json")
+        cluster_rows = [
+            dict(shape=sh, **{k: v for k, v in c.items() if k != "reference"},
+                 **{f"ref_{k}": v for k, v in c["reference"].items() if k != "name"})
+            for sh, s in shape_summaries.items() for c in s["clusters"]
+        ]
+        tracking.log_table(mlflow_run_id, cluster_rows, "tables/clusters.json")
+        for name, fig in figures.items():
+            tracking.log_figure(mlflow_run_id, fig, f"figures/{name}")
+        tracking.log_artifact(mlflow_run_id, out / "summary.json")
+        tracking.finish_run(mlflow_run_id, {f"autoencoder-{shape}": ae.load(p) for shape, p in model_paths.items()},
+                            status="FINISHED")
+    for fig in figures.values():
+        plt.close(fig)
+    return summary
+
+
+# ----------------------------------------------------------------------------- all together
+def run(cfg: RunConfig, *, track: bool = True) -> dict:
+    """The whole pipeline in this process, without Prefect (the flows do the same, task by task)."""
+    from dwk import tracking
+
+    dpath = data_dir(cfg)
+    extracted, failures = [], []
+    for spec in cfg.checkpoints:
+        try:
+            extracted.append(extract_checkpoint(spec, cfg.store, dpath, cfg.chunk_kernels))
+        except sources.CheckpointError as e:
+            logger.error("%s", e)
+            failures.append(dict(id=spec.id, source=spec.source, error=e.reason))
+    if not extracted:
+        raise RuntimeError("no checkpoint could be extracted: " + "; ".join(f"{f['id']}: {f['error']}" for f in failures))
+    run_id = new_run_id(cfg)
+    mlflow_run_id = tracking.start_run(cfg.experiment, run_id, cfg.flat_params(), {"dwk.run_id": run_id}) if track else None
+    try:
+        shapes = prepare_run(cfg, run_id, extracted, mlflow_run_id)
+        with dask_client(cfg.dask) as client:
+            normalize_run(cfg, run_id, client)
+        models = {s: train_shape(cfg, run_id, s, mlflow_run_id) for s in shapes}
+        summaries = {s: cluster_shape(cfg, run_id, s, models[s]) for s in shapes}
+        return finalize(cfg, run_id, summaries, models, failures, extracted, mlflow_run_id)
+    except BaseException:
+        if mlflow_run_id:
+            tracking.end_run(mlflow_run_id, "FAILED")
+        raise
