@@ -70,6 +70,10 @@ def fit_mask(status: np.ndarray, control: np.ndarray) -> np.ndarray:
     return subjects if subjects.any() else ok
 
 
+def model_path(model_dir: Path, shape: str) -> Path:
+    return model_dir / f"autoencoder-{shape}.safetensors"
+
+
 def train_shape(
     store: KernelStore,
     run_id: str,
@@ -83,7 +87,7 @@ def train_shape(
     mask = fit_mask(store.run_array(run_id, shape, "status")[:], kernel_table(store, run_id, shape)["control"])
     model, losses = ae.train(x[mask], cfg.autoencoder, on_epoch=on_epoch)
     model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / f"autoencoder-{shape}.safetensors"
+    path = model_path(model_dir, shape)
     ae.save(model, path)
     return path, losses
 

@@ -130,3 +130,10 @@ def finish_run(run_id: str, models: dict[str, Any], status: str = "FINISHED") ->
             example = np.zeros((2, model.n_taps), np.float32)
             mlflow.pytorch.log_model(model, name=name, input_example=example, pip_requirements=["torch"])
     end_run(run_id, status)
+
+
+def run_link(run_id: str) -> str:
+    """A link to the run in the MLflow UI (the tracking server's, or the local UI's default address)."""
+    run = client().get_run(run_id)
+    base = tracking_uri() if tracking_uri().startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

@@ -1,0 +1,168 @@
+"""The ``dwk`` command line.
+
+``dwk run`` runs the pipeline flow (Prefect server when ``PREFECT_API_URL`` is set, Prefect's
+ephemeral mode otherwise) and prints the per-checkpoint table and where the results are.
+``dwk extract`` and ``dwk analyze`` run the two stages alone; ``dwk show`` prints a finished run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("dwk.cli")
+
+
+def _setup_logging(verbose: bool) -> None:
+    # dwk's own loggers show up in Prefect's run logs (and its UI) beside the flow's.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dwk")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("distributed", "alembic", "matplotlib", "urllib3", "httpx", "mlflow", "torch", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace):
+    from dwk.config import load_config
+
+    return load_config(args.config, store=args.store, out=args.out)
+
+
+def _print_result(summary: dict) -> None:
+    from dwk import tracking
+    from dwk.report import checkpoint_table_text
+
+    print()
+    print(checkpoint_table_text(summary["checkpoints"] + summary["failed"]))
+    print()
+    for shape, s in summary["shapes"].items():
+        named = sum(1 for c in s["clusters"] if not c["name"].startswith("unnamed"))
+        line = (f"  {shape}: {s['n_kernels']} kernels, {len(s['clusters'])} clusters ({named} named), "
+                f"tau_null {s['tau_null']:.3f}, classified {s['classified_share']:.1%} of non-control kernels")
+        if "paper" in s:
+            line += f" (paper mode: {s['paper']['classified_share']:.1%})"
+        if "planted" in s and s["planted"]["ari"] is not None:
+            line += f", planted ARI {s['planted']['ari']:.2f}"
+        print(line)
+    print()
+    print(f"results:  {summary['out']}  (summary.json, checkpoints.txt, figures/)")
+    print(f"store:    {summary['store']}")
+    if summary.get("mlflow_run_id"):
+        print(f"mlflow:   run {summary['mlflow_run_id']} in experiment '{summary['config']['experiment']}' "
+              f"at {tracking.tracking_uri()}")
+        print(f"          browse: {tracking.ui_hint()}")
+    if summary["failed"]:
+        print(f"\n{len(summary['failed'])} checkpoint(s) failed; the others were analysed. Fix them and re-run: "
+              "extracted checkpoints are skipped.")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.no_prefect:
+        from dwk import pipeline
+
+        summary = pipeline.run(cfg, track=not args.no_track)
+    else:
+        from flows.pipeline import pipeline_flow
+
+        summary = pipeline_flow(cfg, track=not args.no_track)
+    _print_result(summary)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from flows.extract import bounded
+
+    cfg = _config(args)
+    result = bounded(cfg)(cfg)
+    for e in result["extracted"]:
+        print(f"{e['status']:>9}  {e['id']}: {e['n_kernels']} kernels {e['shapes']}")
+    for f in result["failed"]:
+        print(f"{'FAILED':>9}  {f['id']}: {f['error']}")
+    print(f"store: {cfg.store.resolve()}")
+    return 1 if result["failed"] else 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Analyse the checkpoints of a config that are already in the store (no extraction)."""
+    from dwk import pipeline, tracking
+    from dwk.store import KernelStore
+    from flows.analyze import analyze_flow
+
+    cfg = _config(args)
+    store = KernelStore(cfg.store, create=False)
+    extracted, missing = [], []
+    for spec in cfg.checkpoints:
+        rec = store.checkpoint(spec.id)
+        if rec and rec.complete:
+            extracted.append(dict(id=rec.id, source=rec.source, status="stored", n_kernels=rec.n_kernels,
+                                  shapes=rec.shapes, fingerprint=rec.fingerprint))
+        else:
+            missing.append(dict(id=spec.id, source=spec.source, error="not extracted yet: run `dwk extract` first"))
+    if not extracted:
+        print(f"none of the config's checkpoints is in {cfg.store}; run `dwk extract` first", file=sys.stderr)
+        return 2
+    run_id = pipeline.new_run_id(cfg)
+    mlflow_run_id = None if args.no_track else tracking.start_run(cfg.experiment, run_id, cfg.flat_params(),
+                                                                  {"dwk.run_id": run_id})
+    _print_result(analyze_flow(cfg, run_id, extracted, missing, mlflow_run_id))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    path = Path(args.run)
+    if path.is_dir():
+        path = path / "summary.json"
+    if not path.exists():
+        print(f"no summary at {path}: give a run folder (runs/<run_id>) or its summary.json", file=sys.stderr)
+        return 2
+    _print_result(json.loads(path.read_text()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dwk", description="Identifiable clusters in trained depthwise kernels, at scale.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, out=True):
+        sp.add_argument("--config", type=Path, help="run config (YAML); default: the embedded planted demo")
+        sp.add_argument("--store", type=Path, help="Zarr kernel store (default from the config: runs/store.zarr)")
+        if out:
+            sp.add_argument("--out", type=Path, help="output folder for runs (default: runs)")
+        else:
+            sp.set_defaults(out=None)
+
+    r = sub.add_parser("run", help="the whole pipeline as a Prefect flow")
+    common(r)
+    r.add_argument("--no-prefect", action="store_true", help="run the stages in this process, without Prefect")
+    r.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    r.set_defaults(func=cmd_run)
+    e = sub.add_parser("extract", help="extract the config's checkpoints into the store")
+    common(e, out=False)
+    e.set_defaults(func=cmd_extract)
+    a = sub.add_parser("analyze", help="analyse the config's checkpoints already in the store")
+    common(a)
+    a.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    a.set_defaults(func=cmd_analyze)
+    s = sub.add_parser("show", help="print a finished run's table")
+    s.add_argument("run", help="run folder (runs/<run_id>) or its summary.json")
+    s.set_defaults(func=cmd_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # config and input errors: say what, not a traceback
+        print(f"dwk: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

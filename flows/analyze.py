@@ -1,0 +1,41 @@
+"""Analyse a store: normalise (Dask), train (GPU when present), cluster, classify, report."""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.deployments import run_deployment
+
+from dwk import analysis, pipeline
+from dwk.config import RunConfig
+from flows.train import train_flow
+from tasks import cluster_task, finalize_task, normalize_task, prepare_run_task, publish_task
+
+
+def _train(config: RunConfig, run_id: str, shape: str, mlflow_run_id: str | None) -> str:
+    """Train in this process, or on the GPU pool through ``config.train_deployment``."""
+    if not config.train_deployment:
+        return train_flow(config, run_id, shape, mlflow_run_id)
+    fr = run_deployment(config.train_deployment, timeout=None,
+                        parameters=dict(config=config.model_dump(mode="json"), run_id=run_id, shape=shape,
+                                        mlflow_run_id=mlflow_run_id))
+    if not fr.state or not fr.state.is_completed():
+        raise RuntimeError(f"training {shape} on deployment {config.train_deployment!r} ended {fr.state and fr.state.name}: "
+                           f"see flow run {fr.id} in the Prefect UI")
+    return str(analysis.model_path(pipeline.run_dir(config, run_id) / "models", shape))
+
+
+@flow(name="dwk-analyze")
+def analyze_flow(config: RunConfig, run_id: str, extracted: list[dict], failed: list[dict] | None = None,
+                 mlflow_run_id: str | None = None) -> dict:
+    log = get_run_logger()
+    shapes = prepare_run_task(config, run_id, extracted, mlflow_run_id)
+    log.info("run %s: %d checkpoints, shapes %s", run_id, len(extracted), shapes)
+    normalize_task(config, run_id)
+    models = {}
+    for i, shape in enumerate(shapes):
+        models[shape] = _train(config, run_id, shape, mlflow_run_id)
+        log.info("trained %d/%d shape groups", i + 1, len(shapes))
+    futures = {s: cluster_task.submit(config, run_id, s, models[s]) for s in shapes}
+    summaries = {s: f.result() for s, f in futures.items()}
+    summary = finalize_task(config, run_id, summaries, models, failed or [], extracted, mlflow_run_id)
+    publish_task(summary)
+    return summary

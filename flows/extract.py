@@ -1,0 +1,39 @@
+"""Fan extraction out over checkpoints; failures are recorded, the others go on."""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dwk import pipeline
+from dwk.config import RunConfig
+from tasks import extract_checkpoint_task
+
+
+@flow(name="dwk-extract", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def extract_flow(config: RunConfig) -> dict:
+    """Extract every checkpoint of ``config`` into its store.
+
+    Returns ``{"extracted": [...], "failed": [{id, source, error}]}``. Concurrency is bounded by the
+    task runner: ``bounded(config)`` gives this flow ``config.max_workers`` threads.
+    """
+    log = get_run_logger()
+    task = extract_checkpoint_task.with_options(retries=config.retries)
+    futures = task.map(config.checkpoints, config.store, pipeline.data_dir(config), config.chunk_kernels)
+    extracted, failed = [], []
+    for spec, fut in zip(config.checkpoints, futures):
+        result = fut.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            reason = getattr(result, "reason", None) or f"{type(result).__name__}: {result}"
+            log.error("checkpoint %s failed: %s", spec.id, reason)
+            failed.append(dict(id=spec.id, source=spec.source, error=reason))
+        else:
+            extracted.append(result)
+        log.info("extraction %d/%d done", len(extracted) + len(failed), len(config.checkpoints))
+    if not extracted:
+        raise RuntimeError("no checkpoint could be extracted: " + "; ".join(f"{f['id']}: {f['error']}" for f in failed))
+    return dict(extracted=extracted, failed=failed)
+
+
+def bounded(config: RunConfig):
+    """``extract_flow`` with ``config.max_workers`` extraction threads."""
+    return extract_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.max_workers))

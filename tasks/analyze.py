@@ -1,0 +1,51 @@
+"""Run set-up, normalisation, clustering, reporting and publishing."""
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from dwk import pipeline, tracking
+from dwk.config import RunConfig
+
+
+@task(name="start-tracking", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def start_tracking_task(config: RunConfig, run_id: str) -> str:
+    return tracking.start_run(config.experiment, run_id, config.flat_params(), {"dwk.run_id": run_id})
+
+
+@task(name="prepare-run", cache_policy=NO_CACHE)
+def prepare_run_task(config: RunConfig, run_id: str, extracted: list[dict], mlflow_run_id: str | None) -> list[str]:
+    return pipeline.prepare_run(config, run_id, extracted, mlflow_run_id)
+
+
+@task(name="normalize", cache_policy=NO_CACHE)
+def normalize_task(config: RunConfig, run_id: str) -> dict:
+    with pipeline.dask_client(config.dask) as client:
+        return pipeline.normalize_run(config, run_id, client)
+
+
+@task(name="cluster", task_run_name="cluster {shape}", cache_policy=NO_CACHE)
+def cluster_task(config: RunConfig, run_id: str, shape: str, model_path: str) -> dict:
+    return pipeline.cluster_shape(config, run_id, shape, model_path)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def finalize_task(config: RunConfig, run_id: str, shapes: dict, models: dict, failures: list, extracted: list,
+                  mlflow_run_id: str | None) -> dict:
+    return pipeline.finalize(config, run_id, shapes, models, failures, extracted, mlflow_run_id)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_task(summary: dict) -> None:
+    """The per-checkpoint table and the MLflow link as Prefect artifacts (shown on the flow run's page)."""
+    link = tracking.run_link(summary["mlflow_run_id"]) if summary.get("mlflow_run_id") else None
+    rows = [{k: v for k, v in r.items() if k != "top_clusters"} | {"top_clusters": ", ".join(r.get("top_clusters", []))}
+            for r in summary["checkpoints"] + summary["failed"]]
+    create_table_artifact(
+        table=rows, key="dwk-checkpoints",
+        description=f"Classified share per checkpoint, run `{summary['run_id']}`. MLflow run: {link or 'not tracked'}. "
+        f"Results: `{summary['out']}`",
+    )
+    if link:
+        create_link_artifact(link=link, link_text=f"MLflow run {summary['run_id']}", key="dwk-mlflow-run")

@@ -1,0 +1,29 @@
+"""Extraction of one checkpoint into the store."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from dwk import pipeline
+from dwk.config import CheckpointSpec
+from dwk.sources import CheckpointError
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry transient failures (I/O, network); a bad checkpoint fails the same way every time."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, CheckpointError)
+
+
+@task(
+    name="extract-checkpoint",
+    task_run_name="extract {spec.id}",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_unless_bad_input,
+)
+def extract_checkpoint_task(spec: CheckpointSpec, store: Path, data_dir: Path, chunk_kernels: int) -> dict:
+    return pipeline.extract_checkpoint(spec, store, data_dir, chunk_kernels)
