@@ -47,8 +47,8 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         location = None
-        if tracking_uri().startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
-            location = (Path.cwd() / "mlartifacts").as_uri()
+        if tracking_uri().startswith("sqlite:///"):  # artifacts beside the database, not in ./mlruns
+            location = (Path(tracking_uri()[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
         exp_id = c.create_experiment(experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id

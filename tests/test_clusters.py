@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from dwk.clusters import KMeansMergeClusterer, PaperClusterer, calibrate_tau, classify, prototypes_of, tau_curve
+from dwk.dog import name_prototypes, pattern, reference_bank
+from dwk.normalize import normalize_block
+from dwk.planted import STANDARD_CLASSES, planted_population
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (5, 5), (7, 7), (1, 11)])
+def test_bank_unit_norm(shape):
+    refs, pats = reference_bank(shape)
+    np.testing.assert_allclose(np.linalg.norm(pats, axis=1), 1, rtol=1e-9)
+    assert {r.family for r in refs} == {"dog", "d1", "d2", "gauss", "point"}
+
+
+def test_pattern_symmetries():
+    dog = pattern("dog", (7, 7), sigma=1.0, ratio=2.0)
+    assert np.allclose(dog, np.rot90(dog)) and dog[3, 3] > 0                 # on-centre, isotropic
+    np.testing.assert_allclose(pattern("dog", (7, 7), sign=-1), -pattern("dog", (7, 7)))
+    d1 = pattern("d1", (7, 7), angle=0)
+    np.testing.assert_allclose(d1, -d1[:, ::-1], atol=1e-12)                # odd along x
+    np.testing.assert_allclose(pattern("d1", (7, 7), angle=180), -d1, atol=1e-12)
+    d2 = pattern("d2", (7, 7), angle=0)
+    np.testing.assert_allclose(d2, d2[:, ::-1], atol=1e-12)                  # even along x
+    np.testing.assert_allclose(pattern("d2", (7, 7), angle=90), d2.T, atol=1e-12)
+
+
+def test_naming_finds_the_planted_families():
+    protos = np.stack([pattern(c.family, (7, 7), sigma=1.0, ratio=2.0, angle=c.angle, sign=c.sign).ravel()
+                       for c in STANDARD_CLASSES])
+    names = [n["name"] for n in name_prototypes(protos, (7, 7))]
+    assert names == [c.name for c in STANDARD_CLASSES]
+    noise = normalize_block(np.random.default_rng(0).standard_normal((3, 49)), "l2")
+    assert [n["name"] for n in name_prototypes(noise, (7, 7))] == ["unnamed-0", "unnamed-1", "unnamed-2"]
+
+
+def test_planted_7x7_recovered_named_and_calibrated():
+    k, lab = planted_population(4000, (7, 7), noise_share=0.2, seed=1)
+    x = normalize_block(k.reshape(len(k), -1), "l2").astype(np.float64)
+    c = KMeansMergeClusterer(n_init=48, merge_cos=0.7).fit(x)
+    pred = c.predict(x)
+    s = lab >= 0
+    assert adjusted_rand_score(lab[s], pred[s]) >= 0.9
+    protos = prototypes_of(x, pred, c.n_clusters_)
+    share = np.bincount(pred, minlength=c.n_clusters_) / len(x)
+    minor = share < 0.005
+    names = {n["name"] for n in name_prototypes(protos, (7, 7))}
+    assert sum(cl.name in names for cl in STANDARD_CLASSES) >= 13
+    tau_null, null_cos = calibrate_tau(c, protos, minor, 49, "l2", alpha=0.01, n=5000)
+    assert abs(tau_curve(null_cos, np.array([tau_null]))[0] - 0.01) < 0.005
+    cos = classify(x, pred, protos, minor)
+    assert (cos[s] >= tau_null).mean() > 0.95
+    assert (cos[~s] >= tau_null).mean() < 0.15
+
+
+def test_paper_mode_intervals_cover_the_code():
+    import torch
+
+    from dwk import autoencoder as ae
+    from dwk.config import AutoencoderConfig
+
+    k, _ = planted_population(800, (5, 5), seed=2)
+    x = normalize_block(k.reshape(len(k), -1), "l2")
+    model, _ = ae.train(x, AutoencoderConfig(epochs=5, batch_size=128))
+    p = PaperClusterer(model, grid=16, merge_cos=0.95).fit(x)
+    assert len(p.intervals_) == p.n_clusters_ >= 1
+    assert p.intervals_[0][0] == 0.0 and p.intervals_[-1][1] == 1.0
+    pred = p.predict(x)
+    assert pred.min() >= 0 and pred.max() < p.n_clusters_
+    los = [lo for lo, _ in p.intervals_]
+    assert los == sorted(los)   # clusters are intervals of the code, in order
+    with pytest.raises(ValueError, match="latent_dim: 1"):
+        model4, _ = ae.train(x, AutoencoderConfig(epochs=1, latent_dim=2))
+        PaperClusterer(model4).fit(x)
