@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from dwk.cli import main
+from dwk.config import CheckpointSpec, RunConfig, load_config
+
+
+def test_embedded_default_is_the_planted_demo():
+    cfg = load_config()
+    sources = [c.source for c in cfg.checkpoints]
+    assert sources.count("planted") >= 2 and sources.count("random") >= 2
+    archs = {c.arch for c in cfg.checkpoints}
+    assert "convnext_atto" in archs and any(a.startswith(("mobilenet", "efficientnet")) for a in archs)
+
+
+def test_sources_and_validation(tmp_path):
+    assert CheckpointSpec(id="convnextv2_atto.fcmae_ft_in1k").source == "hub"
+    assert CheckpointSpec(id="a", arch="convnext_atto", file="w.pth").source == "file"
+    assert CheckpointSpec(id="a", arch="convnext_atto", pretrained=False).is_control
+    with pytest.raises(ValidationError, match="need 'arch'"):
+        CheckpointSpec(id="a", file="w.pth")
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        RunConfig.model_validate(dict(checkpoints=[dict(id="a")], autoencodr={}))
+    with pytest.raises(ValidationError, match="repeated"):
+        RunConfig.model_validate(dict(checkpoints=[dict(id="a"), dict(id="a")]))
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(dict(checkpoints=[dict(id="x", arch="convnext_atto", file="w/x.safetensors")])))
+    assert load_config(p).checkpoints[0].file == (tmp_path / "w/x.safetensors").resolve()
+
+
+def test_flat_params_key_checkpoints_by_id():
+    params = load_config().flat_params()
+    assert params["checkpoints.planted-convnext_atto.planted.seed"] == 0
+    assert params["autoencoder.latent_dim"] == 1 and params["cluster.tau"] == 0.7
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "embedded demo" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("checkpoints: [{id: a, file: x.pth}]\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "need 'arch'" in capsys.readouterr().err
+    assert main(["show", str(tmp_path)]) == 2
+
+
+def test_cli_show_prints_a_run(tmp_path, capsys):
+    summary = dict(run_id="r", mlflow_run_id=None, store="/s", out=str(tmp_path), config={}, failed=[],
+                   checkpoints=[dict(id="c1", source="planted", control=False, n_kernels=10, n_dead=1,
+                                     classified_share=0.9, classified_share_tau=0.8, top_clusters=["dog-on 50%"])],
+                   shapes={"7x7": dict(n_kernels=10, clusters=[dict(name="dog-on")], tau_null=0.44,
+                                       classified_share=0.9)})
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert main(["show", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "c1" in out and "90.0%" in out and "dog-on 50%" in out
+
+
+def test_library_imports_without_prefect():
+    code = ("import sys, dwk, dwk.pipeline, dwk.analysis, dwk.sources, dwk.store, dwk.normalize, dwk.report, "
+            "dwk.tracking, dwk.cli; assert 'prefect' not in sys.modules, 'dwk imported prefect'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,62 @@
+"""The pipeline as Prefect flows on a real Prefect server, tracked in a real MLflow store."""
+import json
+
+import mlflow
+import pytest
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def flow_run(prefect_server, mlflow_uri, tmp_path_factory):
+    from flows.pipeline import pipeline_flow
+
+    cfg = tiny_config(tmp_path_factory.mktemp("flow"), checkpoints=[
+        dict(id="planted-test_convnext", arch="test_convnext", planted=dict(seed=0, noise_share=0.1)),
+        dict(id="planted-test_efficientnet", arch="test_efficientnet", planted=dict(seed=1, noise_share=0.1)),
+        dict(id="null-test_convnext", arch="test_convnext", pretrained=False, seed=0),
+        dict(id="corrupt", arch="test_convnext", file="/nonexistent/w.safetensors"),
+    ], max_workers=2)
+    state = pipeline_flow(cfg, return_state=True)
+    return cfg, state
+
+
+def test_pipeline_flow_completes_with_a_failed_checkpoint(flow_run):
+    cfg, state = flow_run
+    assert state.is_completed()
+    summary = state.result()
+    assert [f["id"] for f in summary["failed"]] == ["corrupt"]
+    on_disk = json.loads((cfg.out / summary["run_id"] / "summary.json").read_text())
+    assert set(on_disk["shapes"]) == {"3x3", "7x7"}
+    rows = {r["id"]: r for r in on_disk["checkpoints"]}
+    assert rows["planted-test_convnext"]["classified_share"] > 5 * max(rows["null-test_convnext"]["classified_share"], 0.01)
+
+
+def test_flow_runs_tasks_and_artifacts_are_on_the_server(flow_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterParentTaskRunId
+
+    cfg, state = flow_run
+    with get_client(sync_client=True) as client:
+        flows = {f.name for f in client.read_flows()}
+        assert {"dwk-pipeline", "dwk-extract", "dwk-analyze", "dwk-train"} <= flows
+        runs = client.read_flow_runs()
+        assert sum(r.state.is_completed() for r in runs if r.name) >= 4
+        tasks = client.read_task_runs()
+        extract_states = {t.name.split(" ", 1)[-1]: t.state.type.value for t in tasks if t.name.startswith("extract ")}
+        assert extract_states["corrupt"] == "FAILED" and extract_states["planted-test_convnext"] == "COMPLETED"
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dwk-checkpoints"])))
+        assert arts and arts[0].type == "table"
+        assert "planted-test_convnext" in json.dumps(arts[0].data)
+        links = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dwk-mlflow-run"])))
+        assert links and state.result()["mlflow_run_id"] in links[0].data
+
+
+def test_flow_run_is_in_mlflow(flow_run):
+    cfg, state = flow_run
+    summary = state.result()
+    run = mlflow.tracking.MlflowClient().get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == summary["run_id"]
+    assert {"classified_share_3x3", "classified_share_7x7", "tau_null_7x7", "n_failed_checkpoints"} <= set(run.data.metrics)
+    assert run.data.metrics["n_failed_checkpoints"] == 1
+    assert run.data.params["cluster.mode"] == "kmeans"

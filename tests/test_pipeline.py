@@ -1,0 +1,122 @@
+"""The pipeline end to end in-process (no Prefect), with bad inputs beside good ones."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_config
+from dwk import pipeline
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    torch.manual_seed(0)
+    m = timm.create_model("test_convnext", pretrained=False)
+    with torch.no_grad():
+        m.stages[1].blocks[0].conv_dw.weight[:5] = float("nan")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(d / "nan.safetensors"))
+    (d / "corrupt.safetensors").write_bytes(b"\x00garbage" * 10)
+    return d
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, bad_inputs, mlflow_uri):
+    tmp = tmp_path_factory.mktemp("pipe")
+    cfg = tiny_config(tmp, checkpoints=[
+        dict(id="planted-test_convnext", arch="test_convnext", planted=dict(seed=0, noise_share=0.1)),
+        dict(id="null-test_convnext", arch="test_convnext", pretrained=False, seed=0),
+        dict(id="nan-weights", arch="test_convnext", file=bad_inputs / "nan.safetensors"),
+        dict(id="corrupt", arch="test_convnext", file=bad_inputs / "corrupt.safetensors"),
+        dict(id="no-depthwise", arch="test_resnet", pretrained=False),
+        dict(id="unknown", arch="not_a_timm_model", pretrained=False),
+    ])
+    return cfg, pipeline.run(cfg)
+
+
+def test_failures_are_recorded_and_the_others_go_on(first_run):
+    cfg, s = first_run
+    failed = {f["id"]: f["error"] for f in s["failed"]}
+    assert set(failed) == {"corrupt", "no-depthwise", "unknown"}
+    assert "cannot read corrupt.safetensors" in failed["corrupt"]
+    assert "no depthwise convolution" in failed["no-depthwise"]
+    assert "timm has no model" in failed["unknown"]
+    rows = {r["id"]: r for r in s["checkpoints"]}
+    assert set(rows) == {"planted-test_convnext", "null-test_convnext", "nan-weights"}
+    assert rows["nan-weights"]["n_rejected"] == 5 and rows["nan-weights"]["n_kernels"] == 408
+
+
+def test_summary_and_contrast(first_run):
+    cfg, s = first_run
+    on_disk = json.loads((cfg.out / s["run_id"] / "summary.json").read_text())
+    assert on_disk["mlflow_run_id"] == s["mlflow_run_id"] and on_disk["store"] == str(cfg.store.resolve())
+    for r in on_disk["checkpoints"]:
+        assert {"id", "source", "n_kernels", "n_dead", "classified_share"} <= set(r)
+    sh = on_disk["shapes"]["7x7"]
+    assert {"n_kernels", "tau", "tau_null", "classified_share", "clusters"} <= set(sh)
+    assert all({"name", "size", "share", "prototype"} <= set(c) for c in sh["clusters"])
+    assert len(sh["clusters"][0]["prototype"]) == 49
+    rows = {r["id"]: r for r in on_disk["checkpoints"]}
+    assert rows["planted-test_convnext"]["source"] == "planted"
+    assert rows["null-test_convnext"]["source"] == "random"
+    assert rows["planted-test_convnext"]["classified_share"] >= 0.6
+    assert rows["null-test_convnext"]["classified_share"] <= 0.1
+    assert sh["planted"]["ari"] > 0.5
+    layers = [l for l in on_disk["layers"] if l["checkpoint"] == "planted-test_convnext"]
+    assert [l["layer"] for l in layers] == list(range(9))
+    assert (cfg.out / s["run_id"] / "figures" / "gallery-7x7.png").stat().st_size > 1000
+
+
+def test_mlflow_holds_the_run(first_run):
+    import mlflow
+
+    cfg, s = first_run
+    c = mlflow.tracking.MlflowClient()
+    run = c.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["autoencoder.epochs"] == "15"
+    assert run.data.params["checkpoints.planted-test_convnext.arch"] == "test_convnext"
+    assert abs(run.data.metrics["classified_share_7x7"] - s["shapes"]["7x7"]["classified_share"]) < 1e-9
+    losses = c.get_metric_history(run.info.run_id, "loss_7x7")
+    assert len(losses) == 15 and losses[-1].value < losses[0].value
+    arts = {a.path for a in c.list_artifacts(run.info.run_id, "tables")}
+    assert {"tables/checkpoints.json", "tables/layers.json", "tables/clusters.json"} <= arts
+    figs = {a.path for a in c.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/gallery-7x7.png" in figs and "figures/tau-curve-7x7.png" in figs
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+    assert [m.name for m in models] == ["autoencoder-7x7"]
+
+
+def test_second_run_skips_extraction_and_gives_the_same_numbers(first_run, caplog):
+    cfg, s1 = first_run
+    with caplog.at_level("INFO", logger="dwk.pipeline"):
+        s2 = pipeline.run(cfg, track=False)
+    assert "planted-test_convnext: already extracted" in caplog.text
+    assert "null-test_convnext: already extracted" in caplog.text
+    assert s2["run_id"] != s1["run_id"]
+    for a, b in zip(s1["checkpoints"], s2["checkpoints"]):
+        assert a == b | {"extraction": a["extraction"]}
+    assert s1["shapes"]["7x7"]["tau_null"] == s2["shapes"]["7x7"]["tau_null"]
+
+
+def test_changed_file_is_re_extracted(tmp_path, mlflow_uri):
+    torch.manual_seed(0)
+    m = timm.create_model("test_convnext", pretrained=False)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    spec = tiny_config(tmp_path, checkpoints=[dict(id="f", arch="test_convnext", file=path)]).checkpoints[0]
+    r1 = pipeline.extract_checkpoint(spec, tmp_path / "s.zarr", tmp_path, 64)
+    assert r1["status"] == "extracted"
+    assert pipeline.extract_checkpoint(spec, tmp_path / "s.zarr", tmp_path, 64)["status"] == "skipped"
+    with torch.no_grad():
+        m.stages[0].blocks[0].conv_dw.weight.mul_(2)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    r3 = pipeline.extract_checkpoint(spec, tmp_path / "s.zarr", tmp_path, 64)
+    assert r3["status"] == "extracted" and r3["fingerprint"] != r1["fingerprint"]
+    from dwk.store import KernelStore
+
+    k = KernelStore(tmp_path / "s.zarr").kernels("f", "7x7")[:24]
+    np.testing.assert_array_equal(k, m.stages[0].blocks[0].conv_dw.weight.detach().numpy()[:, 0])
