@@ -237,7 +237,8 @@ def checkpoint_tables(store: KernelStore, run_id: str, shapes: dict[str, dict]) 
     for i, c in enumerate(ckpts):
         a = acc[i]
         denom = max(a["ok"], 1)
-        top = sorted(a["clusters"].items(), key=lambda kv: -kv[1])[:3]
+        # Top clusters among the classified kernels; shares under 1% are chance, not a top cluster.
+        top = [kv for kv in sorted(a["clusters"].items(), key=lambda kv: -kv[1]) if kv[1] >= 0.01 * denom][:3]
         rows.append(dict(
             id=c["id"], source=c["source"], control=c["control"], n_kernels=a["n"], n_dead=a["dead"],
             n_rejected=a["rejected"], classified_share=round(a["cls"] / denom, 4),
