@@ -21,6 +21,8 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dwk")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import distributed  # noqa: F401 - importing it resets its loggers to INFO: import first, then quiet them
+
     for noisy in ("distributed", "alembic", "matplotlib", "urllib3", "httpx", "mlflow", "torch", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
