@@ -16,16 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from dwk import autoencoder as ae
-from dwk.clusters import (
-    KMeansMergeClusterer,
-    PaperClusterer,
-    calibrate_tau,
-    classify,
-    prototypes_of,
-    tau_curve,
-)
+from dwk.clusters import FittedClusters, PaperClusterer, fit_clusters, noise_kernels, select_merge, tau_curve
 from dwk.config import RunConfig
-from dwk.dog import name_prototypes
+from dwk.controls import kmeans_baseline, master_key_fit, planted_recovery
+from dwk.dog import fit_reference, name_prototypes
+from dwk.planted import STANDARD_CLASSES
 from dwk.store import STATUS_DEAD, STATUS_OK, KernelStore
 
 logger = logging.getLogger(__name__)
@@ -92,54 +87,66 @@ def train_shape(
     return path, losses
 
 
-def _clusters(x_fit, clusterer, min_share, shape, name_cos):
-    """Fit-set labels, prototypes, shares, minor flags and names of a fitted clusterer."""
-    lab = clusterer.predict(x_fit)
-    k = clusterer.n_clusters_
-    protos = prototypes_of(x_fit, lab, k)
-    share = np.bincount(lab, minlength=k) / max(len(lab), 1)
-    return protos, share, share < min_share, name_prototypes(protos, _shape_tuple(shape), name_cos)
-
-
 def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, model_path: Path) -> dict:
-    """Cut clusters, name them, classify every kernel of the shape group; write per-kernel results.
+    """Cut clusters, name them, classify every kernel of the shape group, run the controls.
 
     Writes ``code``, ``cluster`` (-1 for rejected kernels), ``cosine`` (NaN for rejected kernels,
-    -inf in minor clusters) to the store, and returns the shape's summary.
+    -inf in minor clusters) and ``prototypes`` to the store, and returns the shape's summary.
     """
-    cc = cfg.cluster
+    cc, ctl = cfg.cluster, cfg.controls
     x = store.run_array(run_id, shape, "normalized")[:].astype(np.float64)
     status = store.run_array(run_id, shape, "status")[:]
     table = kernel_table(store, run_id, shape)
     ok = status == STATUS_OK
     fit = fit_mask(status, table["control"])
+    x_fit = x[fit]
     model = ae.load(model_path)
+    noise = noise_kernels(cc.n_null, x.shape[1], cfg.normalize.method, cc.seed + 1_000_003)
+    common = dict(min_share=cc.min_share, alpha=cc.alpha)
 
-    paper = PaperClusterer(model, cc.grid, cc.paper_merge_cos).fit(x[fit]) if model.latent_dim == 1 else None
+    paper = None
+    if model.latent_dim == 1:
+        paper = fit_clusters(PaperClusterer(model, cc.grid, cc.paper_merge_cos).fit(x_fit), x_fit, noise, **common)
+    seeds = tuple(cc.seed + i for i in range(cc.seeds))
+    selection = None
     if cc.mode == "paper":
         if paper is None:
             raise ValueError("cluster.mode 'paper' needs autoencoder.latent_dim: 1")
         primary = paper
     else:
-        primary = KMeansMergeClusterer(cc.n_init_clusters, cc.merge_cos, random_state=cc.seed).fit(x[fit])
+        grid = cc.merge_grid if cc.merge_cos == "auto" else (float(cc.merge_cos),)
+        merge, table_, fits = select_merge(x_fit, noise, n_init=cc.n_init_clusters, grid=grid, seeds=seeds,
+                                           max_fit=cc.max_fit_kernels, **common)
+        primary = fits[cc.seed]
+        best = next(r for r in table_ if r["merge_cos"] == merge)
+        selection = dict(merge_cos=merge, chosen_by="seed stability" if len(grid) > 1 else "config", grid=table_,
+                         seed_stability=dict(seeds=list(seeds), ari_mean=best["stability_mean"],
+                                             ari_min=best["stability_min"]))
 
-    protos, share, minor, names = _clusters(x[fit], primary, cc.min_share, shape, cc.name_cos)
-    tau_null, null_cos = calibrate_tau(primary, protos, minor, x.shape[1], cfg.normalize.method,
-                                       alpha=cc.alpha, n=cc.n_null, seed=cc.seed)
     labels = np.full(len(x), -1, np.int32)
     cos = np.full(len(x), np.nan, np.float32)
-    labels[ok] = primary.predict(x[ok])
-    cos[ok] = classify(x[ok], labels[ok], protos, minor)
+    labels[ok], cos[ok] = primary.assign(x[ok])
     codes = np.full((len(x), model.latent_dim), np.nan, np.float32)
     codes[ok] = ae.encode(model, x[ok].astype(np.float32))
-
     chunk = cfg.chunk_kernels
     store.write_run_array(run_id, shape, "cluster", labels, chunk, ("kernel",))
     store.write_run_array(run_id, shape, "cosine", cos, chunk, ("kernel",))
     store.write_run_array(run_id, shape, "code", codes, chunk, ("kernel", "latent"))
-    store.write_run_array(run_id, shape, "prototypes", protos.astype(np.float32), max(len(protos), 1), ("cluster", "tap"))
+    store.write_run_array(run_id, shape, "prototypes", primary.prototypes.astype(np.float32),
+                          max(len(primary.prototypes), 1), ("cluster", "tap"))
 
-    fit_cos = cos[fit]
+    kshape = _shape_tuple(shape)
+    names = name_prototypes(primary.prototypes, kshape, cc.name_cos)
+    fit_cos, fit_lab = cos[fit], labels[fit]
+    tau_null = primary.tau_null
+    clusters = []
+    for i in np.argsort(-primary.share):
+        c = dict(id=int(i), name=names[i]["name"], size=int((fit_lab == i).sum()), share=round(float(primary.share[i]), 4),
+                 minor=bool(primary.minor[i]), classified_share=round(float((fit_cos[fit_lab == i] >= tau_null).mean()), 4)
+                 if (fit_lab == i).any() else 0.0, reference=names[i], prototype=primary.prototypes[i].round(5).tolist())
+        if ctl.fit_dog and not names[i]["name"].startswith("unnamed"):
+            c["dog_fit"] = fit_reference(primary.prototypes[i], kshape, names[i])
+        clusters.append(c)
     summary = dict(
         shape=shape,
         n_kernels=int(len(x)),
@@ -152,98 +159,121 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
         classified_share=float((fit_cos >= tau_null).mean()) if fit.any() else 0.0,
         classified_share_tau=float((fit_cos >= cc.tau).mean()) if fit.any() else 0.0,
         tau_curve=dict(tau=TAU_GRID.tolist(), fit=tau_curve(fit_cos, TAU_GRID).round(4).tolist(),
-                       null=tau_curve(null_cos, TAU_GRID).round(4).tolist()),
-        clusters=[
-            dict(id=int(i), name=names[i]["name"], size=int(round(share[i] * fit.sum())), share=round(float(share[i]), 4),
-                 minor=bool(minor[i]), reference=names[i], prototype=protos[i].round(5).tolist())
-            for i in np.argsort(-share)
-        ],
+                       null=tau_curve(primary.null_cos, TAU_GRID).round(4).tolist()),
+        clusters=clusters,
+        controls=dict(noise=dict(n=int(len(noise)), classified_share_tau_null=round(float((primary.null_cos >= tau_null).mean()), 4),
+                                 classified_share_tau=round(float((primary.null_cos >= cc.tau).mean()), 4))),
     )
+    if selection is not None:
+        summary["selection"] = selection
+        summary["controls"]["seed_stability"] = selection["seed_stability"]
+    if ctl.kmeans and fit.sum() > primary.clusterer.n_clusters_:
+        km = kmeans_baseline(x_fit, primary.clusterer.n_clusters_, noise, fit_lab, seed=cc.seed,
+                             max_fit=cc.max_fit_kernels, **common)
+        summary["controls"]["kmeans"] = {k: v for k, v in km.items() if k != "labels"}
+    if ctl.master_key:
+        summary["controls"]["master_key"] = master_key_fit(x_fit, primary.prototypes, fit_lab)
     if paper is not None:
-        summary["paper"] = _paper_summary(paper, x, fit, ok, cc, shape, cfg.normalize.method)
+        summary["paper"] = _paper_summary(paper, x_fit, kshape, cc.name_cos)
     planted = fit & (table["label"] >= -1)
     if planted.any():
-        summary["planted"] = _planted_summary(table["label"][planted], labels[planted], cos[planted], tau_null)
+        summary["planted"] = planted_recovery(table["label"][planted], labels[planted], cos[planted], tau_null,
+                                              [n["name"] for n in names], [c.name for c in STANDARD_CLASSES])
     logger.info("%s: %d clusters (%d minor), tau_null %.3f, classified %.1f%% of %d fitted kernels",
-                shape, len(protos), int(minor.sum()), tau_null, 100 * summary["classified_share"], fit.sum())
+                shape, len(clusters), int(primary.minor.sum()), tau_null, 100 * summary["classified_share"], fit.sum())
     return summary
 
 
-def _paper_summary(paper: PaperClusterer, x, fit, ok, cc, shape, method) -> dict:
-    protos, share, minor, names = _clusters(x[fit], paper, cc.min_share, shape, cc.name_cos)
-    tau_null, _ = calibrate_tau(paper, protos, minor, x.shape[1], method, alpha=cc.alpha, n=cc.n_null, seed=cc.seed)
-    cos = classify(x[fit], paper.predict(x[fit]), protos, minor)
-    codes = paper.codes(x[fit])
-    hist, edges = np.histogram(codes, bins=paper.grid, range=(0, 1))
+def _paper_summary(paper: FittedClusters, x_fit: np.ndarray, kshape: tuple[int, int], name_cos: float) -> dict:
+    names = name_prototypes(paper.prototypes, kshape, name_cos)
+    _, cos = paper.assign(x_fit)
+    codes = paper.clusterer.codes(x_fit)
+    hist, edges = np.histogram(codes, bins=paper.clusterer.grid, range=(0, 1))
     return dict(
-        n_clusters=paper.n_clusters_,
-        tau_null=round(tau_null, 4),
-        classified_share=float((cos >= tau_null).mean()) if len(cos) else 0.0,
-        intervals=[dict(lo=lo, hi=hi, name=names[i]["name"], share=round(float(share[i]), 4))
-                   for i, (lo, hi) in enumerate(paper.intervals_)],
+        n_clusters=paper.clusterer.n_clusters_,
+        tau_null=round(paper.tau_null, 4),
+        classified_share=float((cos >= paper.tau_null).mean()) if len(cos) else 0.0,
+        intervals=[dict(lo=lo, hi=hi, name=names[i]["name"], share=round(float(paper.share[i]), 4))
+                   for i, (lo, hi) in enumerate(paper.clusterer.intervals_)],
         code_hist=dict(counts=hist.tolist(), edges=edges.round(4).tolist()),
     )
 
 
-def _planted_summary(truth: np.ndarray, pred: np.ndarray, cos: np.ndarray, tau_null: float) -> dict:
-    from sklearn.metrics import adjusted_rand_score
+def kernel_frame(store: KernelStore, run_id: str, shape: str, shape_summary: dict):
+    """One row per kernel of a shape group: where it comes from and how it was classified.
 
-    s = truth >= 0
-    return dict(
-        ari=round(float(adjusted_rand_score(truth[s], pred[s])), 4) if s.sum() > 1 else None,
-        structured_classified=float((cos[s] >= tau_null).mean()) if s.any() else None,
-        noise_classified=float((cos[~s] >= tau_null).mean()) if (~s).any() else None,
-    )
+    Columns: checkpoint, source, control, layer, module, depth, channel, shape, status (ok,
+    non-finite, dead), cluster, cluster_name, cosine, classified (at tau_null), classified_tau.
+    """
+    import pandas as pd
+
+    meta = store.run_meta(run_id)
+    ckpts = meta["checkpoints"]
+    t = kernel_table(store, run_id, shape)
+    status = store.run_array(run_id, shape, "status")[:]
+    lab = store.run_array(run_id, shape, "cluster")[:]
+    cos = store.run_array(run_id, shape, "cosine")[:]
+    ok = status == STATUS_OK
+    names = np.array([""] * (max([c["id"] for c in shape_summary["clusters"]], default=-1) + 2), dtype=object)
+    for c in shape_summary["clusters"]:
+        names[c["id"]] = c["name"]
+    modules, depth = {}, {}
+    for i, c in enumerate(ckpts):
+        for layer in store.checkpoint(c["id"]).layers:
+            modules[(i, layer["layer_index"])] = layer["module"]
+            depth[(i, layer["layer_index"])] = layer["depth"]
+    keys = list(zip(t["ckpt"].tolist(), t["layer"].tolist()))
+    return pd.DataFrame(dict(
+        checkpoint=pd.Categorical.from_codes(t["ckpt"], [c["id"] for c in ckpts]),
+        source=np.array([c["source"] for c in ckpts])[t["ckpt"]],
+        control=t["control"],
+        layer=t["layer"],
+        module=[modules[k] for k in keys],
+        depth=np.array([depth[k] for k in keys], np.float32),
+        channel=t["channel"],
+        shape=shape,
+        status=pd.Categorical.from_codes(status, ["ok", "non-finite", "dead"]),
+        cluster=lab,
+        cluster_name=names[lab],  # lab -1 (rejected) indexes the trailing ""
+        cosine=cos,
+        classified=ok & (cos >= shape_summary["tau_null"]),
+        classified_tau=ok & (cos >= shape_summary["tau"]),
+    ))
 
 
 def checkpoint_tables(store: KernelStore, run_id: str, shapes: dict[str, dict]) -> tuple[list[dict], list[dict]]:
     """Per-checkpoint rows (the paper's Table 1) and per-layer rows (its per-layer bars)."""
+    import pandas as pd
+
     meta = store.run_meta(run_id)
-    ckpts = meta["checkpoints"]
-    acc = {i: dict(n=0, dead=0, rejected=0, ok=0, cls=0, cls_tau=0, clusters={}) for i in range(len(ckpts))}
-    layer_rows = []
-    for shape, s in shapes.items():
-        t = kernel_table(store, run_id, shape)
-        status = store.run_array(run_id, shape, "status")[:]
-        lab = store.run_array(run_id, shape, "cluster")[:]
-        cos = store.run_array(run_id, shape, "cosine")[:]
-        names = {c["id"]: c["name"] for c in s["clusters"]}
-        ok = status == STATUS_OK
-        cls_null, cls_tau = ok & (cos >= s["tau_null"]), ok & (cos >= s["tau"])
-        for i in range(len(ckpts)):
-            m = t["ckpt"] == i
-            if not m.any():
-                continue
-            a = acc[i]
-            a["n"] += int(m.sum()); a["dead"] += int((m & (status == STATUS_DEAD)).sum())
-            a["rejected"] += int((m & ~ok).sum()); a["ok"] += int((m & ok).sum())
-            a["cls"] += int((m & cls_null).sum()); a["cls_tau"] += int((m & cls_tau).sum())
-            for c in lab[m & cls_null]:
-                a["clusters"][names[int(c)]] = a["clusters"].get(names[int(c)], 0) + 1
-            for layer in np.unique(t["layer"][m]):
-                lm = m & (t["layer"] == layer)
-                lok = lm & ok
-                shares = {}
-                for c in lab[lm & cls_null]:
-                    shares[names[int(c)]] = shares.get(names[int(c)], 0) + 1
-                n_ok = max(int(lok.sum()), 1)
-                layer_rows.append(dict(
-                    checkpoint=ckpts[i]["id"], layer=int(layer), shape=shape, n_kernels=int(lm.sum()),
-                    n_dead=int((lm & (status == STATUS_DEAD)).sum()),
-                    classified_share=round(int((lm & cls_null).sum()) / n_ok, 4),
-                    cluster_shares={k: round(v / n_ok, 4) for k, v in sorted(shares.items())},
-                ))
+    df = pd.concat([kernel_frame(store, run_id, shape, s) for shape, s in shapes.items()], ignore_index=True)
+    df["ok"] = df["status"] == "ok"
+    df["dead"] = df["status"] == "dead"
     rows = []
-    for i, c in enumerate(ckpts):
-        a = acc[i]
-        denom = max(a["ok"], 1)
-        # Top clusters among the classified kernels; shares under 1% are chance, not a top cluster.
-        top = [kv for kv in sorted(a["clusters"].items(), key=lambda kv: -kv[1]) if kv[1] >= 0.01 * denom][:3]
+    for c in meta["checkpoints"]:
+        d = df[df["checkpoint"] == c["id"]]
+        n_ok = max(int(d["ok"].sum()), 1)
+        counts = d.loc[d["classified"], "cluster_name"].value_counts()
+        top = [f"{name} {v / n_ok:.0%}" for name, v in counts.items() if v >= 0.01 * n_ok][:3]
+        # The classified share over tau, pooled over shapes (each kernel against its cluster's prototype).
+        cos_ok = np.where(d["ok"], d["cosine"], -np.inf)
         rows.append(dict(
-            id=c["id"], source=c["source"], control=c["control"], n_kernels=a["n"], n_dead=a["dead"],
-            n_rejected=a["rejected"], classified_share=round(a["cls"] / denom, 4),
-            classified_share_tau=round(a["cls_tau"] / denom, 4),
-            top_clusters=[f"{k} {v / denom:.0%}" for k, v in top],
+            id=c["id"], source=c["source"], control=c["control"], n_kernels=int(len(d)), n_dead=int(d["dead"].sum()),
+            n_rejected=int((~d["ok"]).sum()), classified_share=round(int(d["classified"].sum()) / n_ok, 4),
+            classified_share_tau=round(int(d["classified_tau"].sum()) / n_ok, 4), top_clusters=top,
+            shapes=sorted(d["shape"].unique().tolist()),
+            tau_curve=(tau_curve(cos_ok[d["ok"].to_numpy()], TAU_GRID).round(4).tolist()),
+        ))
+    layer_rows = []
+    for (ckpt, layer, shape), d in df.groupby(["checkpoint", "layer", "shape"], observed=True, sort=True):
+        n_ok = max(int(d["ok"].sum()), 1)
+        shares = d.loc[d["classified"], "cluster_name"].value_counts().sort_index()
+        layer_rows.append(dict(
+            checkpoint=str(ckpt), layer=int(layer), shape=shape, module=d["module"].iloc[0],
+            depth=round(float(d["depth"].iloc[0]), 4), n_kernels=int(len(d)), n_dead=int(d["dead"].sum()),
+            classified_share=round(int(d["classified"].sum()) / n_ok, 4),
+            classified_share_tau=round(int(d["classified_tau"].sum()) / n_ok, 4),
+            cluster_shares={k: round(v / n_ok, 4) for k, v in shares.items()},
         ))
     layer_rows.sort(key=lambda r: (r["checkpoint"], r["layer"]))
     return rows, layer_rows

@@ -7,9 +7,9 @@ returns self, learned state ends in ``_``):
   [0, 1] into patterns; a kernel belongs to the grid cell nearest its 1-D code; neighbouring cells
   whose decoded patterns have cosine >= ``merge_cos`` form one cluster, so a cluster is an
   interval of the code.
-- :class:`KMeansMergeClusterer`: over-segment the normalised kernels (or the autoencoder's
-  reconstructions) into ``n_init`` k-means clusters, then merge clusters whose prototypes have
-  cosine >= ``merge_cos`` (average linkage). No number of clusters to guess.
+- :class:`KMeansMergeClusterer`: over-segment the normalised kernels into ``n_init`` k-means
+  clusters, then merge clusters whose prototypes have cosine >= ``merge_cos`` (average linkage).
+  :func:`select_merge` chooses ``merge_cos`` (so the number of clusters) by seed stability.
 
 A cluster's prototype is the unit-norm mean of its member kernels. A kernel is *classified* when
 its cosine to its cluster's prototype is >= tau and its cluster is not minor (< ``min_share`` of
@@ -20,6 +20,7 @@ would be classified.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -87,21 +88,21 @@ class PaperClusterer:
 
 
 class KMeansMergeClusterer:
-    """Over-segment with k-means, then merge clusters whose prototypes are alike (average linkage)."""
+    """Over-segment with k-means, then merge clusters whose prototypes are alike (average linkage).
 
-    def __init__(self, n_init: int = 48, merge_cos: float = 0.8, features=None, random_state: int = 0):
-        self.n_init, self.merge_cos, self.features, self.random_state = n_init, merge_cos, features, random_state
+    ``fit(x, kmeans=...)`` reuses an already fitted k-means, so several merge thresholds can be
+    tried on one over-segmentation. At most ``max_fit`` kernels (a seeded subsample) fit k-means.
+    """
 
-    def _feat(self, x: np.ndarray) -> np.ndarray:
-        return unit_rows(self.features(x) if self.features is not None else x)
+    def __init__(self, n_init: int = 48, merge_cos: float = 0.75, random_state: int = 0, max_fit: int = 200_000):
+        self.n_init, self.merge_cos, self.random_state, self.max_fit = n_init, merge_cos, random_state, max_fit
 
-    def fit(self, x: np.ndarray) -> "KMeansMergeClusterer":
-        from sklearn.cluster import AgglomerativeClustering, KMeans
+    def fit(self, x: np.ndarray, kmeans=None) -> "KMeansMergeClusterer":
+        from sklearn.cluster import AgglomerativeClustering
 
-        f = self._feat(x)
-        k = min(self.n_init, len(f))
-        self.kmeans_ = KMeans(n_clusters=k, n_init=4, random_state=self.random_state).fit(f)
-        protos = prototypes_of(f, self.kmeans_.labels_, k)
+        self.kmeans_ = kmeans if kmeans is not None else overseg(x, self.n_init, self.random_state, self.max_fit)
+        k = self.kmeans_.n_clusters
+        protos = unit_rows(self.kmeans_.cluster_centers_)
         if k > 1:
             agg = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
                                           distance_threshold=1.0 - self.merge_cos).fit(protos)
@@ -112,7 +113,104 @@ class KMeansMergeClusterer:
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.center_cluster_[self.kmeans_.predict(self._feat(x))]
+        return self.center_cluster_[self.kmeans_.predict(x)]
+
+
+def overseg(x: np.ndarray, n_clusters: int, random_state: int, max_fit: int = 200_000):
+    """k-means over-segmentation on at most ``max_fit`` kernels (seeded subsample)."""
+    from sklearn.cluster import KMeans
+
+    if len(x) > max_fit:
+        x = x[np.random.default_rng(random_state).choice(len(x), max_fit, replace=False)]
+    return KMeans(n_clusters=min(n_clusters, len(x)), n_init=4, random_state=random_state).fit(x)
+
+
+@dataclass
+class FittedClusters:
+    """A fitted clustering with what classification needs: prototypes, minor flags, tau_null."""
+
+    clusterer: object
+    prototypes: np.ndarray  # (K, d) unit-norm means of the fit kernels' members
+    share: np.ndarray  # (K,) share of the fit kernels
+    minor: np.ndarray  # (K,) bool
+    tau_null: float
+    null_cos: np.ndarray  # the calibration noise's cosines to its clusters' prototypes
+
+    def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cluster, cosine to its prototype; -inf in minor clusters) for unit-norm kernels."""
+        lab = self.clusterer.predict(x)
+        return lab, classify(x, lab, self.prototypes, self.minor)
+
+    def classified_labels(self, x: np.ndarray, tau: float | None = None) -> np.ndarray:
+        """Cluster of each kernel when classified at ``tau`` (default tau_null), else -1."""
+        lab, cos = self.assign(x)
+        return np.where(cos >= (self.tau_null if tau is None else tau), lab, -1)
+
+
+def fit_clusters(clusterer, x_fit: np.ndarray, noise: np.ndarray, *, min_share: float, alpha: float) -> FittedClusters:
+    """Prototypes, shares, minor flags and the null-calibrated tau of a fitted clusterer."""
+    lab = clusterer.predict(x_fit)
+    k = clusterer.n_clusters_
+    protos = prototypes_of(x_fit, lab, k)
+    share = np.bincount(lab, minlength=k) / max(len(lab), 1)
+    minor = share < min_share
+    null_cos = classify(noise, clusterer.predict(noise), protos, minor)
+    return FittedClusters(clusterer, protos, share, minor, null_tau(null_cos, alpha), null_cos)
+
+
+def null_tau(null_cos: np.ndarray, alpha: float) -> float:
+    """The smallest tau at which at most ``alpha`` of the noise has cosine >= tau."""
+    finite = null_cos[np.isfinite(null_cos)]
+    if len(finite) == 0 or (len(finite) / len(null_cos)) <= alpha:
+        return -1.0
+    q = np.quantile(null_cos, 1.0 - alpha, method="higher")  # -inf (minor) counts as never classified
+    return float(np.nextafter(q, np.inf))
+
+
+def noise_kernels(n: int, n_taps: int, method: str, seed: int) -> np.ndarray:
+    """Isotropic Gaussian kernels, normalised like the data: the null population."""
+    return normalize_block(np.random.default_rng(seed).standard_normal((n, n_taps)), method).astype(np.float64)
+
+
+def pairwise_ari(partitions: list[np.ndarray]) -> list[float]:
+    from sklearn.metrics import adjusted_rand_score
+
+    return [float(adjusted_rand_score(partitions[i], partitions[j]))
+            for i in range(len(partitions)) for j in range(i + 1, len(partitions))]
+
+
+def select_merge(
+    x_fit: np.ndarray,
+    noise: np.ndarray,
+    *,
+    n_init: int,
+    grid: tuple[float, ...],
+    seeds: tuple[int, ...],
+    min_share: float,
+    alpha: float,
+    max_fit: int = 200_000,
+) -> tuple[float, list[dict], dict[int, FittedClusters]]:
+    """Choose the merge threshold by seed stability (METHOD 2.4: choosing the number of clusters).
+
+    For each seed, one k-means over-segmentation; for each threshold, the partition into classified
+    clusters (kernels not classified at tau_null form one group) is compared across seeds by ARI.
+    The most stable threshold wins; near-ties (within 0.005) go to the higher threshold (more
+    clusters). Returns (threshold, the table over the grid, the fitted clusterings per seed at it).
+    """
+    kms = {s: overseg(x_fit, n_init, s, max_fit) for s in seeds}
+    table, fits = [], {}
+    for mc in grid:
+        per_seed = {s: fit_clusters(KMeansMergeClusterer(n_init, mc, s, max_fit).fit(x_fit, kmeans=km), x_fit, noise,
+                                    min_share=min_share, alpha=alpha) for s, km in kms.items()}
+        aris = pairwise_ari([f.classified_labels(x_fit) for f in per_seed.values()]) if len(seeds) > 1 else [1.0]
+        table.append(dict(merge_cos=mc, stability_mean=round(float(np.mean(aris)), 4),
+                          stability_min=round(float(np.min(aris)), 4),
+                          n_clusters=[f.clusterer.n_clusters_ for f in per_seed.values()]))
+        fits[mc] = per_seed
+    best = max(table, key=lambda r: (round(r["stability_mean"] / 0.005), r["merge_cos"]))["merge_cos"]
+    logger.info("merge threshold %.2f chosen by seed stability: %s", best,
+                ", ".join(f"{r['merge_cos']:.2f}: {r['stability_mean']:.3f}" for r in table))
+    return best, table, fits[best]
 
 
 def classify(
@@ -124,27 +222,6 @@ def classify(
     """Cosine of each unit-norm kernel to its cluster's prototype; -inf for kernels of minor clusters."""
     cos = (x * prototypes[labels]).sum(axis=1)
     return np.where(minor[labels], -np.inf, cos)
-
-
-def calibrate_tau(
-    clusterer,
-    prototypes: np.ndarray,
-    minor: np.ndarray,
-    n_taps: int,
-    method: str,
-    *,
-    alpha: float = 0.01,
-    n: int = 20000,
-    seed: int = 0,
-) -> tuple[float, np.ndarray]:
-    """The null-calibrated tau and the noise kernels' cosines (for the tau curve)."""
-    rng = np.random.default_rng(seed)
-    noise = normalize_block(rng.standard_normal((n, n_taps)), method)
-    cos = classify(noise, clusterer.predict(noise), prototypes, minor)
-    q = np.quantile(cos[np.isfinite(cos)], 1.0 - alpha) if np.isfinite(cos).any() else -1.0
-    # "at most alpha classified" with classified meaning cos >= tau: step just above the quantile.
-    tau = float(np.nextafter(q, np.inf))
-    return tau, cos
 
 
 def tau_curve(cos: np.ndarray, taus: np.ndarray) -> np.ndarray:

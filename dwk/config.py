@@ -115,11 +115,15 @@ class ClusterConfig(_Strict):
     """METHOD 2.4-2.6 (dwk): cutting clusters, naming them, classifying kernels."""
 
     # The default mode was chosen by measurement on planted populations (README, "Method choices"):
-    # k-means over-segmentation + merge recovers the planted classes (7x7 ARI 1.0), the paper's 1-D
+    # k-means over-segmentation + merge recovers the planted classes (7x7 ARI 0.99), the paper's 1-D
     # code intervals do not (ARI 0.1-0.2). Paper mode is always computed and reported beside it.
     mode: Literal["paper", "kmeans"] = "kmeans"
     n_init_clusters: int = Field(48, ge=2)
-    merge_cos: float = Field(0.7, ge=-1.0, le=1.0)
+    # "auto": the merge threshold (so the number of clusters) is chosen by seed stability over merge_grid.
+    merge_cos: float | Literal["auto"] = "auto"
+    merge_grid: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
+    seeds: int = Field(3, ge=1, description="k-means seeds: stability-based choice and the seed-stability control")
+    max_fit_kernels: int = Field(200_000, ge=100, description="subsample size for fitting the clusters")
     grid: int = Field(64, ge=2)
     paper_merge_cos: float = Field(0.95, ge=-1.0, le=1.0)
     min_share: float = Field(0.005, ge=0.0, lt=1.0)
@@ -128,6 +132,14 @@ class ClusterConfig(_Strict):
     n_null: int = Field(20000, ge=100)
     name_cos: float = Field(0.8, ge=-1.0, le=1.0)
     seed: int = 0
+
+
+class ControlsConfig(_Strict):
+    """METHOD 2.7: the controls computed and reported with every run."""
+
+    kmeans: bool = True  # k-means on raw kernels with the same number of clusters: ARI and classified share
+    master_key: bool = True  # sign-invariant a*p + b fit of every kernel to every prototype
+    fit_dog: bool = True  # least-squares DoG parameters of each named cluster
 
 
 class DaskConfig(_Strict):
@@ -152,11 +164,19 @@ class RunConfig(_Strict):
     normalize: NormalizeConfig = NormalizeConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     cluster: ClusterConfig = ClusterConfig()
+    controls: ControlsConfig = ControlsConfig()
     dask: DaskConfig = DaskConfig()
     train_deployment: str | None = Field(
         None,
         description="Prefect deployment ('flow/deployment') that trains on a GPU pool; None trains in-process.",
     )
+    train_timeout_s: float = Field(24 * 3600, gt=0, description="how long to wait for a deployed training run")
+
+    @field_validator("store", "out")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        # Absolute, so every process and node (Dask workers, Prefect workers) opens the same folder.
+        return Path(v).expanduser().resolve()
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "RunConfig":
@@ -168,7 +188,8 @@ class RunConfig(_Strict):
 
     def fingerprint(self) -> str:
         """A short hash of the analysis-relevant config (not paths), for run ids and comparisons."""
-        payload = self.model_dump(mode="json", exclude={"store", "out", "dask", "max_workers", "retries"})
+        payload = self.model_dump(mode="json", exclude={"store", "out", "dask", "max_workers", "retries",
+                                                         "train_deployment", "train_timeout_s"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
     def flat_params(self) -> dict[str, Any]:

@@ -137,6 +137,47 @@ def name_prototypes(prototypes: np.ndarray, shape: tuple[int, int], name_cos: fl
         else:
             name = f"unnamed-{n_unnamed}"
             n_unnamed += 1
-        out.append(dict(name=name, family=ref.family, sign=ref.sign, angle=ref.angle,
-                        sigma=ref.sigma, ratio=ref.ratio, cos=round(c, 4)))
+        out.append(dict(name=name, family=ref.family, sign=ref.sign, angle=float(ref.angle),
+                        sigma=float(ref.sigma), ratio=float(ref.ratio), cos=round(c, 4)))
+    return out
+
+
+def fit_reference(prototype: np.ndarray, shape: tuple[int, int], start: dict) -> dict:
+    """Least-squares fit of the continuous parameters of a prototype's reference family.
+
+    ``start`` is the best bank reference (``name_prototypes`` output). Fits centre width ``sigma``,
+    surround ratio ``ratio`` (DoG and derivatives), orientation ``angle`` (derivatives), the sub-pixel
+    centre ``offset`` and an amplitude, by ``scipy.optimize.least_squares`` within the bank's ranges.
+    Returns the fitted parameters, the surround width, the residual norm (the prototype is unit-norm,
+    so it is relative) and the fitted cosine. The point pattern has nothing to fit.
+    """
+    from scipy.optimize import least_squares
+
+    fam, sign = start["family"], start["sign"]
+    y = prototype.reshape(shape).astype(np.float64)
+    if fam == "point":
+        p = pattern("point", shape, sign=sign)
+        c = float((p * y).sum())
+        return dict(family=fam, sign=sign, cos=round(c, 4), residual=round(float(np.linalg.norm(y - c * p)), 4))
+    k = max(shape)
+    fit_ratio, fit_angle = fam != "gauss", fam in ("d1", "d2")
+
+    def model(v):
+        sigma, ratio, angle, ox, oy, amp = v
+        return amp * pattern(fam, shape, sigma=sigma, ratio=ratio if fit_ratio else 1.0, angle=angle, sign=sign,
+                             offset=(ox, oy))
+
+    x0 = [min(max(start["sigma"], 0.2), 0.6 * k), min(max(start["ratio"], 1.2), 4.0), start["angle"], 0.0, 0.0, 1.0]
+    lo = [0.15, 1.2, start["angle"] - 90 if fit_angle else start["angle"] - 1e-6, -1.0, -1.0, 0.0]
+    hi = [0.6 * k, 4.0, start["angle"] + 90 if fit_angle else start["angle"] + 1e-6, 1.0, 1.0, 2.0]
+    res = least_squares(lambda v: (model(v) - y).ravel(), x0, bounds=(lo, hi))
+    sigma, ratio, angle, ox, oy, amp = res.x
+    fitted = model(res.x)
+    cos = float((fitted * y).sum() / (np.linalg.norm(fitted) * np.linalg.norm(y) + 1e-12))
+    out = dict(family=fam, sign=sign, sigma=round(float(sigma), 3), offset=[round(float(ox), 3), round(float(oy), 3)],
+               residual=round(float(np.linalg.norm(fitted - y)), 4), cos=round(cos, 4))
+    if fit_ratio:
+        out.update(ratio=round(float(ratio), 3), sigma_surround=round(float(sigma * ratio), 3))
+    if fit_angle:
+        out["angle"] = round(float(angle) % 360.0, 1)
     return out

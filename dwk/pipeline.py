@@ -64,7 +64,7 @@ def new_run_id(cfg: RunConfig) -> str:
 
 def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_id: str | None) -> list[str]:
     """Register a run over the checkpoints that extracted; returns the kernel shapes to analyse."""
-    store = KernelStore(cfg.store)
+    store = KernelStore(cfg.store, create=False)
     by_id = {c.id: c for c in cfg.checkpoints}
     ckpts = [dict(id=e["id"], source=e["source"], control=by_id[e["id"]].is_control) for e in extracted]
     shapes = sorted({s for e in extracted for s in e["shapes"]}, key=lambda s: tuple(map(int, s.split("x"))))
@@ -96,7 +96,7 @@ def normalize_run(cfg: RunConfig, run_id: str, client=None) -> dict[str, dict]:
     """Normalise every shape group of a run with Dask; returns per-shape counts."""
     from dwk.normalize import normalize_shape
 
-    store = KernelStore(cfg.store)
+    store = KernelStore(cfg.store, create=False)
     meta = store.run_meta(run_id)
     out = {}
     for shape in meta["shapes"]:
@@ -121,7 +121,7 @@ def train_shape(cfg: RunConfig, run_id: str, shape: str, mlflow_run_id: str | No
         from dwk import tracking
 
         on_epoch, flush = tracking.epoch_logger(mlflow_run_id, f"loss_{shape}")
-    path, losses = analysis.train_shape(KernelStore(cfg.store), run_id, shape, cfg, run_dir(cfg, run_id) / "models",
+    path, losses = analysis.train_shape(KernelStore(cfg.store, create=False), run_id, shape, cfg, run_dir(cfg, run_id) / "models",
                                         on_epoch=on_epoch)
     flush()
     if mlflow_run_id:
@@ -134,7 +134,7 @@ def train_shape(cfg: RunConfig, run_id: str, shape: str, mlflow_run_id: str | No
 def cluster_shape(cfg: RunConfig, run_id: str, shape: str, model_path: str) -> dict:
     from dwk import analysis
 
-    return analysis.cluster_shape(KernelStore(cfg.store), run_id, shape, cfg, Path(model_path))
+    return analysis.cluster_shape(KernelStore(cfg.store, create=False), run_id, shape, cfg, Path(model_path))
 
 
 # ----------------------------------------------------------------------------- report
@@ -162,7 +162,7 @@ def finalize(
 
     from dwk import analysis, report
 
-    store = KernelStore(cfg.store)
+    store = KernelStore(cfg.store, create=False)
     out = run_dir(cfg, run_id)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     rows, layer_rows = analysis.checkpoint_tables(store, run_id, shape_summaries)

@@ -135,5 +135,8 @@ def finish_run(run_id: str, models: dict[str, Any], status: str = "FINISHED") ->
 def run_link(run_id: str) -> str:
     """A link to the run in the MLflow UI (the tracking server's, or the local UI's default address)."""
     run = client().get_run(run_id)
-    base = tracking_uri() if tracking_uri().startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    # The tracking URI a worker uses (http://mlflow:5000 in compose) may not open in a browser:
+    # DWK_MLFLOW_UI_URL gives the address users browse to.
+    base = os.environ.get("DWK_MLFLOW_UI_URL") or (
+        tracking_uri() if tracking_uri().startswith(("http://", "https://")) else "http://127.0.0.1:5000")
     return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

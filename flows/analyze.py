@@ -14,11 +14,14 @@ def _train(config: RunConfig, run_id: str, shape: str, mlflow_run_id: str | None
     """Train in this process, or on the GPU pool through ``config.train_deployment``."""
     if not config.train_deployment:
         return train_flow(config, run_id, shape, mlflow_run_id)
-    fr = run_deployment(config.train_deployment, timeout=None,
+    fr = run_deployment(config.train_deployment, timeout=config.train_timeout_s,
                         parameters=dict(config=config.model_dump(mode="json"), run_id=run_id, shape=shape,
                                         mlflow_run_id=mlflow_run_id))
     if not fr.state or not fr.state.is_completed():
-        raise RuntimeError(f"training {shape} on deployment {config.train_deployment!r} ended {fr.state and fr.state.name}: "
+        state = fr.state.name if fr.state else "unknown"
+        hint = (" (still waiting after train_timeout_s: is a worker running on the deployment's pool? "
+                "`prefect worker start --pool dwk-gpu`)" if fr.state and not fr.state.is_final() else "")
+        raise RuntimeError(f"training {shape} on deployment {config.train_deployment!r} is {state}{hint}: "
                            f"see flow run {fr.id} in the Prefect UI")
     return str(analysis.model_path(pipeline.run_dir(config, run_id) / "models", shape))
 

@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from dwk.clusters import KMeansMergeClusterer, PaperClusterer, calibrate_tau, classify, prototypes_of, tau_curve
+from dwk.clusters import (
+    KMeansMergeClusterer,
+    PaperClusterer,
+    fit_clusters,
+    noise_kernels,
+    null_tau,
+    select_merge,
+    tau_curve,
+)
 from dwk.dog import name_prototypes, pattern, reference_bank
 from dwk.normalize import normalize_block
 from dwk.planted import STANDARD_CLASSES, planted_population
@@ -39,20 +47,32 @@ def test_naming_finds_the_planted_families():
 def test_planted_7x7_recovered_named_and_calibrated():
     k, lab = planted_population(4000, (7, 7), noise_share=0.2, seed=1)
     x = normalize_block(k.reshape(len(k), -1), "l2").astype(np.float64)
-    c = KMeansMergeClusterer(n_init=48, merge_cos=0.7).fit(x)
-    pred = c.predict(x)
+    noise = noise_kernels(5000, 49, "l2", seed=7)
+    fitted = fit_clusters(KMeansMergeClusterer(n_init=48, merge_cos=0.75).fit(x), x, noise, min_share=0.005, alpha=0.01)
+    pred, cos = fitted.assign(x)
     s = lab >= 0
     assert adjusted_rand_score(lab[s], pred[s]) >= 0.9
-    protos = prototypes_of(x, pred, c.n_clusters_)
-    share = np.bincount(pred, minlength=c.n_clusters_) / len(x)
-    minor = share < 0.005
-    names = {n["name"] for n in name_prototypes(protos, (7, 7))}
+    names = {n["name"] for n in name_prototypes(fitted.prototypes, (7, 7))}
     assert sum(cl.name in names for cl in STANDARD_CLASSES) >= 13
-    tau_null, null_cos = calibrate_tau(c, protos, minor, 49, "l2", alpha=0.01, n=5000)
-    assert abs(tau_curve(null_cos, np.array([tau_null]))[0] - 0.01) < 0.005
-    cos = classify(x, pred, protos, minor)
-    assert (cos[s] >= tau_null).mean() > 0.95
-    assert (cos[~s] >= tau_null).mean() < 0.15
+    assert abs(tau_curve(fitted.null_cos, np.array([fitted.tau_null]))[0] - 0.01) < 0.002
+    assert (cos[s] >= fitted.tau_null).mean() > 0.95
+    assert (cos[~s] >= fitted.tau_null).mean() < 0.15
+
+
+def test_select_merge_prefers_the_stable_threshold():
+    k, lab = planted_population(3000, (7, 7), noise_share=0.2, seed=2)
+    x = normalize_block(k.reshape(len(k), -1), "l2").astype(np.float64)
+    noise = noise_kernels(3000, 49, "l2", seed=7)
+    best, table, fits = select_merge(x, noise, n_init=32, grid=(0.3, 0.75), seeds=(0, 1, 2), min_share=0.005, alpha=0.01)
+    by = {r["merge_cos"]: r for r in table}
+    assert best == 0.75 and by[0.75]["stability_mean"] > by[0.3]["stability_mean"]
+    assert set(fits) == {0, 1, 2} and by[0.75]["stability_min"] >= 0.85
+
+
+def test_null_tau_counts_minor_noise_as_unclassified():
+    cos = np.array([-np.inf] * 50 + list(np.linspace(0, 1, 50)))
+    tau = null_tau(cos, 0.1)
+    assert (cos >= tau).mean() <= 0.1 and (cos >= np.nextafter(tau, -1) - 0.03).mean() > 0.1
 
 
 def test_paper_mode_intervals_cover_the_code():

@@ -14,7 +14,7 @@ from dwk import pipeline
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # not the null checkpoint's seed: its kernels are in the fit set
     m = timm.create_model("test_convnext", pretrained=False)
     with torch.no_grad():
         m.stages[1].blocks[0].conv_dw.weight[:5] = float("nan")
