@@ -7,7 +7,6 @@ ephemeral mode otherwise) and prints the per-checkpoint table and where the resu
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -49,8 +48,14 @@ def _print_result(summary: dict) -> None:
         if "planted" in s and s["planted"]["ari"] is not None:
             line += f", planted ARI {s['planted']['ari']:.2f}"
         print(line)
+    controls = summary.get("controls")
+    if controls:
+        from dwk.report import controls_text
+
+        print("\ncontrols:")
+        print("  " + controls_text(controls).replace("\n", "\n  "))
     print()
-    print(f"results:  {summary['out']}  (summary.json, checkpoints.txt, figures/)")
+    print(f"results:  {summary['out']}  (summary.json, checkpoints.txt, controls.txt, figures/)")
     print(f"store:    {summary['store']}")
     if summary.get("mlflow_run_id"):
         print(f"mlflow:   run {summary['mlflow_run_id']} in experiment '{summary['config']['experiment']}' "
@@ -115,13 +120,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    path = Path(args.run)
-    if path.is_dir():
-        path = path / "summary.json"
-    if not path.exists():
-        print(f"no summary at {path}: give a run folder (runs/<run_id>) or its summary.json", file=sys.stderr)
-        return 2
-    _print_result(json.loads(path.read_text()))
+    from dwk.export import load_summary
+
+    _print_result(load_summary(args.run)[0])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dwk.export import export_run
+
+    path = export_run(args.run, args.output, args.format)
+    print(f"wrote {path}")
     return 0
 
 
@@ -153,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print a finished run's table")
     s.add_argument("run", help="run folder (runs/<run_id>) or its summary.json")
     s.set_defaults(func=cmd_show)
+    x = sub.add_parser("export", help="write a run's per-kernel table (Parquet or CSV)")
+    x.add_argument("run", help="run folder (runs/<run_id>) or its summary.json")
+    x.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    x.add_argument("--output", type=Path, help="file to write (default: <run folder>/kernels.<format>)")
+    x.set_defaults(func=cmd_export)
     return p
 
 

@@ -187,10 +187,14 @@ def finalize(
         figures[f"tau-curve-{shape}.png"] = report.tau_curve_figure(s)
     for r in rows:
         figures[f"layers-{r['id']}.png"] = report.layer_shares(layer_rows, r["id"])
+    figures["tau-curve-checkpoints.png"] = report.checkpoint_tau_curves(rows, analysis.TAU_GRID.tolist())
+    controls = report.controls_rows(summary)
+    summary["controls"] = controls
     for name, fig in figures.items():
         fig.savefig(out / "figures" / name, dpi=110)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     (out / "checkpoints.txt").write_text(report.checkpoint_table_text(rows + failures) + "\n")
+    (out / "controls.txt").write_text(report.controls_text(controls) + "\n")
 
     if mlflow_run_id:
         from dwk import autoencoder as ae
@@ -210,6 +214,10 @@ def finalize(
                 metrics[f"planted_ari_{shape}"] = s["planted"]["ari"]
         for r in rows:
             metrics[f"classified_share.{r['id']}"] = r["classified_share"]
+        for c in controls:  # e.g. control.7x7.seed_stability.ari_mean
+            if isinstance(c["value"], (int, float)) and not c["control"].startswith("null checkpoint"):
+                key = f"control.{c['shape']}.{c['control'].split(' (')[0].replace(' ', '_')}.{c['metric']}"
+                metrics[key.replace("@", "_at_")] = c["value"]
         metrics["n_failed_checkpoints"] = len(failures)
         tracking.log_metrics(mlflow_run_id, metrics)
         tracking.log_table(mlflow_run_id, rows, "tables/checkpoints.json")
@@ -220,6 +228,7 @@ def finalize(
             for sh, s in shape_summaries.items() for c in s["clusters"]
         ]
         tracking.log_table(mlflow_run_id, cluster_rows, "tables/clusters.json")
+        tracking.log_table(mlflow_run_id, controls, "tables/controls.json")
         for name, fig in figures.items():
             tracking.log_figure(mlflow_run_id, fig, f"figures/{name}")
         tracking.log_artifact(mlflow_run_id, out / "summary.json")

@@ -37,15 +37,19 @@ def gallery(shape_summary: dict, max_clusters: int = 32):
     n = max(len(clusters), 1)
     cols = min(8, n)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.3 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, c in zip(axes.ravel(), clusters):
         p = np.asarray(c["prototype"]).reshape(kh, kw)
         v = np.abs(p).max() or 1.0
         ax.imshow(p, cmap="RdBu_r", vmin=-v, vmax=v)
-        ax.set_title(f"{c['name']}\n{c['share']:.1%}{' minor' if c['minor'] else ''} cos {c['reference']['cos']:.2f}",
-                     fontsize=7)
+        title = f"{c['name']}\n{c['share']:.1%}{' minor' if c['minor'] else ''} cos {c['reference']['cos']:.2f}"
+        fit = c.get("dog_fit")
+        if fit and "sigma" in fit:  # the fitted continuous DoG parameters
+            title += f"\ns {fit['sigma']:.2f}" + (f" r {fit['ratio']:.1f}" if "ratio" in fit else "") + (
+                f" {fit['angle']:.0f}deg" if "angle" in fit else "") + f" res {fit['residual']:.2f}"
+        ax.set_title(title, fontsize=6.5)
     fig.suptitle(f"{shape_summary['shape']} cluster prototypes ({shape_summary['mode']} mode)", fontsize=9)
     fig.tight_layout()
     return fig
@@ -104,5 +108,67 @@ def layer_shares(layer_rows: list[dict], checkpoint: str):
     ax.set_title(f"{checkpoint}: classified kernels by cluster and layer", fontsize=9)
     if names:
         ax.legend(fontsize=5, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def controls_rows(summary: dict) -> list[dict]:
+    """The controls of a run as flat rows ``{shape, control, metric, value}`` (METHOD 2.7)."""
+    rows = []
+
+    def add(shape, control, metric, value):
+        if value is not None:
+            rows.append(dict(shape=shape, control=control, metric=metric, value=value))
+
+    for r in summary["checkpoints"]:
+        if r.get("control"):
+            add("all", f"null checkpoint {r['id']}", "classified_share@tau_null", r["classified_share"])
+    for shape, s in summary["shapes"].items():
+        c = s.get("controls", {})
+        add(shape, "isotropic noise", "classified_share@tau_null", c.get("noise", {}).get("classified_share_tau_null"))
+        add(shape, "isotropic noise", "classified_share@tau", c.get("noise", {}).get("classified_share_tau"))
+        if "seed_stability" in c:
+            add(shape, "seed stability", "ari_mean", c["seed_stability"]["ari_mean"])
+            add(shape, "seed stability", "ari_min", c["seed_stability"]["ari_min"])
+        if "kmeans" in c:
+            add(shape, f"k-means (k={c['kmeans']['n_clusters']})", "ari_vs_clusters", c["kmeans"]["ari_vs_clusters"])
+            add(shape, f"k-means (k={c['kmeans']['n_clusters']})", "classified_share@own_tau_null",
+                c["kmeans"]["classified_share"])
+        if "master_key" in c:
+            mk = c["master_key"]
+            add(shape, "master-key fit", "residual_median", mk["residual_median"])
+            add(shape, "master-key fit", "agreement_with_clusters", mk["agreement_with_clusters"])
+            add(shape, "master-key fit", "negative_share", mk["negative_share"])
+        if "planted" in s:
+            p = s["planted"]
+            for metric in ("ari", "named_right_share", "structured_classified", "noise_classified"):
+                add(shape, "planted structure", metric, p.get(metric))
+        if "paper" in s:
+            add(shape, "paper mode (1-D code)", "n_clusters", s["paper"]["n_clusters"])
+            add(shape, "paper mode (1-D code)", "classified_share@tau_null", round(s["paper"]["classified_share"], 4))
+        if "regular" in s:
+            add(shape, "regular convs", "classified_share@tau_null", s["regular"]["classified_share"])
+    return rows
+
+
+def controls_text(rows: list[dict]) -> str:
+    head = ("shape", "control", "metric", "value")
+    body = [(r["shape"], r["control"], r["metric"], f"{r['value']:.4g}" if isinstance(r["value"], float) else str(r["value"]))
+            for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)])
+
+
+def checkpoint_tau_curves(rows: list[dict], taus: list[float]):
+    """Classified share over tau for every checkpoint (controls dashed)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in rows:
+        if "tau_curve" in r:
+            ax.plot(taus, r["tau_curve"], ls="--" if r.get("control") else "-", label=r["id"])
+    ax.set_xlabel("tau")
+    ax.set_ylabel("classified share")
+    ax.legend(fontsize=6)
+    ax.set_title("classified share over tau, per checkpoint", fontsize=9)
     fig.tight_layout()
     return fig

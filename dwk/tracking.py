@@ -98,7 +98,8 @@ def log_table(run_id: str, rows: list[dict], artifact_file: str) -> None:
     """A list of dict rows as an MLflow table (shown in the run's Artifacts and Evaluation views)."""
     if not rows:
         return
-    cols = {k: [json.dumps(r.get(k)) if isinstance(r.get(k), (dict, list)) else r.get(k) for r in rows] for k in rows[0]}
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # union of the rows' keys, in order
+    cols = {k: [json.dumps(r.get(k)) if isinstance(r.get(k), (dict, list)) else r.get(k) for r in rows] for k in keys}
     client().log_table(run_id, data=cols, artifact_file=artifact_file)
 
 

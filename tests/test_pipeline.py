@@ -120,3 +120,46 @@ def test_changed_file_is_re_extracted(tmp_path, mlflow_uri):
 
     k = KernelStore(tmp_path / "s.zarr").kernels("f", "7x7")[:24]
     np.testing.assert_array_equal(k, m.stages[0].blocks[0].conv_dw.weight.detach().numpy()[:, 0])
+
+
+def test_controls_reported_and_tracked(first_run):
+    import mlflow
+
+    cfg, s = first_run
+    controls = {(c["shape"], c["control"].split(" (")[0], c["metric"]): c["value"] for c in s["controls"]}
+    assert controls[("all", "null checkpoint null-test_convnext", "classified_share@tau_null")] <= 0.1
+    for key in (("7x7", "seed stability", "ari_mean"), ("7x7", "k-means", "ari_vs_clusters"),
+                ("7x7", "master-key fit", "residual_median"), ("7x7", "planted structure", "named_right_share"),
+                ("7x7", "isotropic noise", "classified_share@tau_null")):
+        assert key in controls, key
+    assert abs(controls[("7x7", "isotropic noise", "classified_share@tau_null")] - 0.01) < 0.005
+    assert "seed stability" in (cfg.out / s["run_id"] / "controls.txt").read_text()
+    sel = s["shapes"]["7x7"]["selection"]
+    assert sel["chosen_by"] == "seed stability" and sel["merge_cos"] in cfg.cluster.merge_grid
+    named = [c for c in s["shapes"]["7x7"]["clusters"] if not c["name"].startswith("unnamed")]
+    assert named and all(c["dog_fit"]["cos"] > 0.8 for c in named)
+    run = mlflow.tracking.MlflowClient().get_run(s["mlflow_run_id"])
+    assert "control.7x7.seed_stability.ari_mean" in run.data.metrics
+    arts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id, "tables")}
+    assert "tables/controls.json" in arts
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_export_per_kernel_rows(first_run, fmt, tmp_path):
+    import pandas as pd
+
+    from dwk.cli import main
+
+    cfg, s = first_run
+    out = tmp_path / f"k.{fmt}"
+    assert main(["export", str(cfg.out / s["run_id"]), "--format", fmt, "--output", str(out)]) == 0
+    df = pd.read_parquet(out) if fmt == "parquet" else pd.read_csv(out)
+    assert {"checkpoint", "layer", "module", "channel", "shape", "cluster", "cluster_name", "cosine", "classified",
+            "dead"} <= set(df.columns)
+    rows = {r["id"]: r for r in s["checkpoints"]}
+    assert len(df) == sum(r["n_kernels"] for r in rows.values())
+    for ckpt, d in df.groupby("checkpoint"):
+        ok = d["status"] == "ok"
+        assert abs(d.loc[ok, "classified"].mean() - rows[ckpt]["classified_share"]) < 1e-3
+    nan = df[df["checkpoint"] == "nan-weights"]
+    assert (nan["status"] == "non-finite").sum() == 5 and not nan.loc[nan["status"] != "ok", "classified"].any()
