@@ -134,6 +134,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sources(args: argparse.Namespace) -> int:
+    """Preview what a timm pattern selects: the ``arch.tag`` checkpoints with their training data."""
+    from dwk import hub
+    from dwk.config import CheckpointPattern
+
+    pat = CheckpointPattern(pattern=args.patterns or ["*"], module=args.module or None, exclude=args.exclude or [],
+                            max_checkpoints=10**6)
+    names = hub.expand(pat)
+    rows, summary = hub.describe(names)
+    if args.yaml:
+        for n in names:
+            print(f"  - id: {n}")
+    else:
+        head = ("checkpoint", "training data", "res", "license", "classes")
+        body = [(r["name"], r["data"] or "?", str(r["resolution"] or "?"), str(r.get("license") or "?"),
+                 str(r.get("num_classes") or "?")) for r in rows]
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        for line in (head, *body):
+            print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+        data = ", ".join(f"{k} {v}" for k, v in summary["data"].items())
+        print(f"\n{summary['n_checkpoints']} checkpoints of {summary['n_architectures']} architectures; "
+              f"training data (pretrain>finetune): {data}")
+    if not args.download:
+        return 0
+    failed = 0
+    for name, res in hub.prefetch(names, max_workers=args.workers).items():
+        if isinstance(res, Exception):
+            failed += 1
+            print(f"{'FAILED':>9}  {name}: {res.reason}", file=sys.stderr)
+        else:
+            print(f"{'cached':>9}  {name}: {res.path}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dwk", description="Identifiable clusters in trained depthwise kernels, at scale.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -167,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     x.add_argument("--output", type=Path, help="file to write (default: <run folder>/kernels.<format>)")
     x.set_defaults(func=cmd_export)
+    src = sub.add_parser("sources", help="preview the timm pretrained checkpoints a pattern selects")
+    src.add_argument("patterns", nargs="*", help="timm name patterns, e.g. 'convnext*' 'convnextv2_*.fcmae_ft_*'")
+    src.add_argument("--module", action="append", help="only models of this timm module (repeatable), e.g. convnext")
+    src.add_argument("--exclude", action="append", help="drop names matching this pattern (repeatable)")
+    src.add_argument("--yaml", action="store_true", help="print config entries instead of the table")
+    src.add_argument("--download", action="store_true", help="fetch the weights into the Hub cache (HF_HOME)")
+    src.add_argument("--workers", type=int, default=2, help="parallel downloads with --download (default 2)")
+    src.set_defaults(func=cmd_sources)
     return p
 
 

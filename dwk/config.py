@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 logger = logging.getLogger(__name__)
 
-Source = Literal["hub", "file", "random", "planted"]
+Source = Literal["hub", "file", "local-dir", "weights", "onnx", "random", "planted"]
 
 
 class _Strict(BaseModel):
@@ -37,17 +37,38 @@ class CheckpointSpec(_Strict):
     """Where one checkpoint's weights come from. Exactly one way to get weights:
 
     - ``id: convnextv2_atto.fcmae_ft_in1k`` (no ``arch``): timm pretrained weights from the Hub;
-    - ``arch`` + ``file``: a timm architecture with a local weights file;
+    - ``arch`` + ``file``: a timm architecture with a local weights file (``.safetensors``,
+      ``.pth/.pt/.bin``; wrapped and original-layout checkpoints are remapped through timm);
+    - ``file: FOLDER`` (``arch`` optional): a timm ``local-dir`` folder (``config.json`` + weights);
+    - ``file: X.safetensors`` without ``arch``: weights-only mode, depthwise kernels read from the
+      file by tensor shape, no model built;
+    - ``onnx: X.onnx``: the depthwise Conv nodes of an ONNX graph;
     - ``arch`` + ``pretrained: false``: random initialisation with ``seed`` (the null control);
     - ``arch`` + ``planted``: a planted-structure checkpoint that dwk writes itself (the demo).
+
+    A ``pattern:`` / ``module:`` entry is not a checkpoint: ``load_config`` expands it into one
+    entry per matching timm pretrained checkpoint (see ``CheckpointPattern``).
     """
 
     id: str = Field(min_length=1)
     arch: str | None = None
     file: Path | None = None
+    onnx: Path | None = None
     pretrained: bool = True
     seed: int = 0
     planted: PlantedSpec | None = None
+    reparameterize: bool = Field(
+        True, description="fuse re-parameterisable models (RepVGG/MobileOne-style branches) before extraction")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_pattern(cls, data: Any) -> Any:
+        if isinstance(data, dict) and CheckpointPattern.is_pattern(data):
+            raise ValueError(
+                f"{data.get('pattern') or data.get('module')!r} is a pattern entry: load_config expands it into "
+                "concrete checkpoints (or call dwk.hub.expand_checkpoints on the list first)"
+            )
+        return data
 
     @field_validator("id")
     @classmethod
@@ -58,21 +79,41 @@ class CheckpointSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "CheckpointSpec":
-        if self.file is not None and self.planted is not None:
-            raise ValueError(f"checkpoint {self.id!r}: give either 'file' or 'planted', not both")
-        if (self.file is not None or self.planted is not None or not self.pretrained) and not self.arch:
+        given = [k for k in ("file", "onnx", "planted") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"checkpoint {self.id!r}: give one of 'file', 'onnx' or 'planted', not {given}")
+        if self.onnx is not None and (self.arch or not self.pretrained):
+            raise ValueError(f"checkpoint {self.id!r}: an 'onnx' model carries its own graph and weights; "
+                             "drop 'arch' / 'pretrained'")
+        model_free = self.file is not None and not self.arch and (self._is_weights_file or self._is_folder)
+        if (self.file is not None or self.planted is not None or not self.pretrained) and not self.arch \
+                and not model_free:
             raise ValueError(
                 f"checkpoint {self.id!r}: 'file', 'planted' and 'pretrained: false' need 'arch' "
-                "(the timm architecture to build), e.g. arch: convnext_atto"
+                "(the timm architecture to build), e.g. arch: convnext_atto. Without 'arch', 'file' may name a "
+                ".safetensors file (weights-only mode) or a timm local-dir folder"
             )
         return self
+
+    @property
+    def _is_weights_file(self) -> bool:
+        return self.file is not None and self.file.suffix == ".safetensors"
+
+    @property
+    def _is_folder(self) -> bool:
+        # An existing path is what it is; a path not there yet is a folder when it has no suffix.
+        return self.file is not None and (self.file.is_dir() or (not self.file.exists() and not self.file.suffix))
 
     @property
     def source(self) -> Source:
         if self.planted is not None:
             return "planted"
+        if self.onnx is not None:
+            return "onnx"
         if self.file is not None:
-            return "file"
+            if self._is_folder:
+                return "local-dir"
+            return "file" if self.arch else "weights"
         if not self.pretrained:
             return "random"
         return "hub"
@@ -86,6 +127,35 @@ class CheckpointSpec(_Strict):
     def is_control(self) -> bool:
         """Random-init checkpoints are the null control: they never shape the clusters."""
         return self.source == "random"
+
+
+class CheckpointPattern(_Strict):
+    """A config entry that selects timm pretrained checkpoints by name pattern or timm module.
+
+    ``{pattern: "convnextv2_*.fcmae_ft_*"}``, ``{pattern: [convnext_tiny, convnext_small]}``
+    (every tag of each), ``{module: convnext, exclude: ["*_384"]}``. ``load_config`` expands it via
+    timm's registry into ``{id: arch.tag}`` entries (``dwk.hub.expand_checkpoints``).
+    """
+
+    pattern: str | list[str] = "*"
+    module: str | list[str] | None = None
+    exclude: list[str] = []
+    reparameterize: bool = True
+    max_checkpoints: int = Field(200, ge=1, description="refuse an expansion larger than this (a too-broad pattern)")
+
+    @staticmethod
+    def is_pattern(entry: dict) -> bool:
+        return "id" not in entry and ("pattern" in entry or "module" in entry)
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return (self.pattern,) if isinstance(self.pattern, str) else tuple(self.pattern)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        if self.module is None:
+            return ()
+        return (self.module,) if isinstance(self.module, str) else tuple(self.module)
 
 
 class NormalizeConfig(_Strict):
@@ -217,8 +287,9 @@ DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     """Read a YAML run config (the embedded demo when ``path`` is None) and validate it.
 
-    Relative ``file:`` paths are resolved against the config file's folder, so a config and its
-    weights can move together.
+    Relative ``file:`` and ``onnx:`` paths are resolved against the config file's folder, so a config
+    and its weights can move together. Pattern entries (``pattern:`` / ``module:``) are expanded here,
+    through timm's registry, into concrete ``arch.tag`` checkpoints: flows only ever see those.
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
     try:
@@ -228,7 +299,13 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping at its top level, got {type(raw).__name__}")
     for ckpt in raw.get("checkpoints") or []:
-        if isinstance(ckpt, dict) and ckpt.get("file") and not Path(ckpt["file"]).is_absolute():
-            ckpt["file"] = str((path.parent / ckpt["file"]).resolve())
+        for key in ("file", "onnx"):
+            if isinstance(ckpt, dict) and ckpt.get(key) and not Path(ckpt[key]).expanduser().is_absolute():
+                ckpt[key] = str((path.parent / ckpt[key]).resolve())
+    ckpts = raw.get("checkpoints")
+    if isinstance(ckpts, list) and any(isinstance(c, dict) and CheckpointPattern.is_pattern(c) for c in ckpts):
+        from dwk.hub import expand_checkpoints  # imports timm: only when a config has patterns
+
+        raw["checkpoints"] = expand_checkpoints(ckpts)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig.model_validate(raw)

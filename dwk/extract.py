@@ -6,12 +6,24 @@ timm's ``Conv2dSame``, ``MixedConv2d`` parts and re-parameterised convs are foun
 channel multiplier m (``out_channels = m * in_channels``) each output channel is one kernel.
 
 Layers are indexed in module-definition order (``named_modules``), which is forward order for the
-architectures timm ships.
+architectures timm ships. Sources without a torch model (a bare safetensors file, an ONNX graph)
+describe their layers as :class:`KernelLayer` items and go through the same :func:`assemble`.
+
+Per layer dwk also records whether a **normalization layer follows** the depthwise conv. For a torch
+model this is observed, not guessed from names: one forward pass on a small random input, with
+hooks, finds the first layer that runs after the conv; the answer is yes when that layer is a
+normalization layer and its input is the conv's output (or a view of it, as ConvNeXt's permute).
+When the model cannot run on a probe input the answer is ``None`` (unknown).
+
+Re-parameterisable models (RepVGG, MobileOne, FastViT, RepViT, RepGhost: training-time branches
+that fuse into one conv for inference) are fused with ``timm.utils.reparameterize_model`` first when
+asked, so the kernels are the ones the deployed network computes with; ``Extracted.reparameterized``
+records it.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,7 +32,15 @@ logger = logging.getLogger(__name__)
 
 # Bump when the extracted content or its metadata changes: stores extracted by an older version
 # are redone on the next run.
-EXTRACTOR_VERSION = 1
+# 2: per-layer norm_after / part_of / channel_offset / param; re-parameterisation before extraction.
+EXTRACTOR_VERSION = 2
+
+# Modules that pass their input through unchanged (at inference): skipped when looking for what
+# follows a depthwise conv.
+_NOOP_TYPES = ("Identity", "Dropout", "Dropout2d", "DropPath", "DropBlock2d")
+# timm modules whose classes are all normalization layers (plain or fused with an activation).
+_TIMM_NORM_MODULES = ("timm.layers.norm", "timm.layers.norm_act", "timm.layers.evo_norm",
+                      "timm.layers.filter_response_norm")
 
 
 def is_depthwise(conv) -> bool:
@@ -41,21 +61,49 @@ def iter_depthwise_convs(model) -> Iterator[tuple[str, object]]:
 
 @dataclass(frozen=True)
 class Layer:
-    """Per-layer metadata recorded beside the kernels."""
+    """Per-layer metadata recorded beside the kernels.
+
+    Fields a source cannot know are ``None``: a bare weights file has no stride, padding or input
+    channels (``multiplier`` is then unknown too), and no graph to tell what follows the conv.
+    """
 
     layer_index: int
     module: str
     shape: str
-    stride: tuple[int, int]
-    dilation: tuple[int, int]
-    padding: str
-    in_channels: int
+    stride: tuple[int, int] | None
+    dilation: tuple[int, int] | None
+    padding: str | None
+    in_channels: int | None
     out_channels: int
-    multiplier: int
+    multiplier: int | None
     depth: float  # layer_index / (n_layers - 1), 0 for a single layer
+    norm_after: bool | None = None  # a normalization layer takes this conv's output
+    part_of: str | None = None  # the mixed-kernel layer (timm MixedConv2d) this conv is one part of
+    channel_offset: int = 0  # first output channel of this part within ``part_of``
+    param: str | None = None  # the weight tensor's name in the checkpoint
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("stride", "dilation"):
+            if d[k] is not None:
+                d[k] = [int(x) for x in d[k]]
+        return d
+
+
+@dataclass
+class KernelLayer:
+    """One depthwise layer as a source found it, before indexing: ``weight`` is (out, kh, kw)."""
+
+    module: str
+    weight: np.ndarray
+    stride: tuple[int, int] | None = None
+    dilation: tuple[int, int] | None = None
+    padding: str | None = None
+    in_channels: int | None = None
+    norm_after: bool | None = None
+    part_of: str | None = None
+    channel_offset: int = 0
+    param: str | None = None
 
 
 def shape_key(kh: int, kw: int) -> str:
@@ -77,6 +125,7 @@ class Extracted:
     layer: dict[str, np.ndarray]
     channel: dict[str, np.ndarray]
     labels: dict[str, np.ndarray] | None = None
+    reparameterized: bool = False
 
     @property
     def n_kernels(self) -> int:
@@ -87,8 +136,200 @@ class NoDepthwiseError(ValueError):
     """The model holds no depthwise convolution: nothing to analyse."""
 
 
-def extract_model(model, labels: dict[str, np.ndarray] | None = None) -> Extracted:
-    """Extract every depthwise kernel of a torch module. ``labels`` maps module path -> per-channel label."""
+def assemble(items: Sequence[KernelLayer], labels: dict[str, np.ndarray] | None = None, *,
+             reparameterized: bool = False) -> Extracted:
+    """Index depthwise layers (in the given order) and group their kernels by shape.
+
+    ``labels`` maps a layer's ``module`` to one planted label per output channel.
+    """
+    n = len(items)
+    if not n:
+        raise NoDepthwiseError("no depthwise kernels to assemble")
+    layers: list[Layer] = []
+    parts: dict[str, list[tuple[np.ndarray, int, np.ndarray | None]]] = {}
+    for i, it in enumerate(items):
+        w = np.asarray(it.weight, dtype=np.float32)
+        if w.ndim != 3:
+            raise ValueError(f"layer {it.module!r}: expected (out, kh, kw) kernels, got shape {w.shape}")
+        out_ch, kh, kw = w.shape
+        key = shape_key(kh, kw)
+        layers.append(Layer(
+            layer_index=i, module=it.module, shape=key,
+            stride=None if it.stride is None else tuple(int(s) for s in it.stride),
+            dilation=None if it.dilation is None else tuple(int(d) for d in it.dilation),
+            padding=it.padding, in_channels=it.in_channels, out_channels=int(out_ch),
+            multiplier=None if not it.in_channels else int(out_ch // it.in_channels),
+            depth=i / (n - 1) if n > 1 else 0.0, norm_after=it.norm_after, part_of=it.part_of,
+            channel_offset=int(it.channel_offset), param=it.param,
+        ))
+        lab = None
+        if labels is not None:
+            lab = labels.get(it.module)
+            if lab is None or len(lab) != out_ch:
+                raise ValueError(f"planted labels for layer {it.module!r} are missing or of the wrong length")
+        parts.setdefault(key, []).append((w, i, lab))
+    return Extracted(
+        layers=layers,
+        kernels={k: np.concatenate([w for w, _, _ in v]) for k, v in parts.items()},
+        layer={k: np.concatenate([np.full(len(w), i, np.int32) for w, i, _ in v]) for k, v in parts.items()},
+        channel={k: np.concatenate([np.arange(len(w), dtype=np.int32) for w, _, _ in v]) for k, v in parts.items()},
+        labels=None if labels is None else {k: np.concatenate([l for _, _, l in v]).astype(np.int16) for k, v in parts.items()},
+        reparameterized=reparameterized,
+    )
+
+
+# ----------------------------------------------------------------------------- re-parameterisation
+def is_reparameterizable(model) -> bool:
+    """True when a submodule can fuse its training-time branches (what timm's reparameterize_model calls)."""
+    return any(hasattr(m, a) for m in model.modules() if m is not model
+               for a in ("fuse", "reparameterize", "switch_to_deploy"))
+
+
+def fuse_branches(model):
+    """Fuse a re-parameterisable model in place; returns ``(model, fused)``.
+
+    ``timm.utils.reparameterize_model`` folds parallel branches and batch norms into one conv per
+    block, which is the conv the deployed network runs: its kernels are what dwk analyses.
+    """
+    if not is_reparameterizable(model):
+        return model, False
+    from timm.utils import reparameterize_model
+
+    model = reparameterize_model(model, inplace=True)
+    logger.info("re-parameterised %s before extraction", type(model).__name__)
+    return model, True
+
+
+# ----------------------------------------------------------------------------- what follows a conv
+def _is_norm(module) -> bool:
+    import torch.nn as nn
+
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm,
+             nn.LocalResponseNorm, nn.RMSNorm)
+    t = type(module)
+    return isinstance(module, norms) or t.__module__ in _TIMM_NORM_MODULES or t.__name__ == "FrozenBatchNorm2d"
+
+
+def _storage(t) -> int | None:
+    import torch
+
+    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+
+
+def _probe_sizes(model) -> tuple[int, list[tuple[int, int]]]:
+    """Input channels and the spatial sizes to try for the probe pass: small first, then the native one."""
+    import torch.nn as nn
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    input_size = cfg.get("input_size")
+    if input_size:
+        in_chans = int(input_size[0])
+    else:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        in_chans = first.in_channels if first is not None else 3
+    native = tuple(int(s) for s in input_size[1:]) if input_size else (224, 224)
+    if cfg.get("fixed_input_size"):
+        return in_chans, [native]
+    return in_chans, [(64, 64), native] if native != (64, 64) else [native]
+
+
+def trace_norm_after(model, units: dict[str, object]) -> dict[str, bool | None]:
+    """For each unit (a depthwise conv or the mixed layer it is part of): is it followed by a norm layer?
+
+    One forward pass in eval mode with hooks records the order in which modules start and the
+    storage of each unit's output. After a unit finishes, no-op modules (Identity, Dropout,
+    DropPath) and containers are skipped; the first remaining module decides: True when it is a
+    normalization layer whose input shares the unit output's storage. ``None`` when no probe input
+    runs through the model.
+    """
+    import torch
+
+    result: dict[str, bool | None] = {p: None for p in units}
+    if not units:
+        return result
+    in_chans, sizes = _probe_sizes(model)
+    events: list[tuple] = []
+    keep: list = []  # unit outputs stay alive during the pass, so their storage is never reused
+
+    def pre(mod, args):
+        events.append(("enter", mod, _storage(args[0]) if args else None))
+
+    def post(path):
+        def hook(mod, args, out):
+            keep.append(out)
+            events.append(("exit", path, _storage(out)))
+        return hook
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles += [m.register_forward_hook(post(p)) for p, m in units.items()]
+    was_training = model.training
+    model.eval()
+    ran = False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for size in sizes:
+            events.clear()
+            keep.clear()
+            try:
+                with torch.no_grad():
+                    model(torch.randn(1, in_chans, *size, generator=gen))
+                ran = True
+                break
+            except Exception as e:  # noqa: BLE001 - any failure of a probe pass only means "unknown"
+                logger.debug("probe pass at %s failed: %s: %s", size, type(e).__name__, e)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        keep.clear()
+    if not ran:
+        logger.warning("%s: no probe input runs through the model; norm_after is unknown", type(model).__name__)
+        return result
+    for i, ev in enumerate(events):
+        if ev[0] != "exit" or result.get(ev[1]) is not None:
+            continue
+        _, path, ptr = ev
+        verdict = False
+        for kind, mod, in_ptr in events[i + 1:]:
+            if kind != "enter":
+                continue
+            if _is_norm(mod):
+                verdict = ptr is not None and in_ptr == ptr
+                break
+            if type(mod).__name__ in _NOOP_TYPES or next(mod.children(), None) is not None:
+                continue
+            break
+        result[path] = verdict
+    return result
+
+
+# ----------------------------------------------------------------------------- torch models
+def _mixed_parts(model) -> dict[str, tuple[str, int]]:
+    """conv path -> (MixedConv2d path, channel offset) for the parts of timm's mixed-kernel convs."""
+    try:
+        from timm.layers import MixedConv2d
+    except ImportError:  # timm is a dependency; a torch-only install still extracts plain convs
+        return {}
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, MixedConv2d):
+            offset = 0
+            for name, part in m.named_children():
+                out[f"{path}.{name}" if path else name] = (path, offset)
+                offset += part.out_channels
+    return out
+
+
+def extract_model(model, labels: dict[str, np.ndarray] | None = None, *, reparameterize: bool = False,
+                  trace_norms: bool = True) -> Extracted:
+    """Extract every depthwise kernel of a torch module. ``labels`` maps module path -> per-channel label.
+
+    ``reparameterize=True`` fuses re-parameterisable models first (in place); ``trace_norms``
+    runs the probe pass that fills ``Layer.norm_after``.
+    """
+    fused = False
+    if reparameterize:
+        model, fused = fuse_branches(model)
     convs = list(iter_depthwise_convs(model))
     if not convs:
         n_convs = sum(1 for m in model.modules() if type(m).__name__.endswith("Conv2d"))
@@ -97,31 +338,24 @@ def extract_model(model, labels: dict[str, np.ndarray] | None = None) -> Extract
             "groups == in_channels > 1 and a kernel larger than 1x1); dwk analyses depthwise-separable CNNs "
             "such as ConvNeXt, EfficientNet or MobileNet"
         )
-    n = len(convs)
-    layers: list[Layer] = []
-    parts: dict[str, list[tuple[np.ndarray, int, np.ndarray | None]]] = {}
-    for i, (path, conv) in enumerate(convs):
+    mixed = _mixed_parts(model)
+    norm_after: dict[str, bool | None] = {}
+    if trace_norms:
+        units = {}
+        for path, _ in convs:
+            unit = mixed[path][0] if path in mixed else path
+            units[unit] = model.get_submodule(unit) if unit else model
+        traced = trace_norm_after(model, units)
+        norm_after = {path: traced[mixed[path][0] if path in mixed else path] for path, _ in convs}
+    items = []
+    for path, conv in convs:
         w = conv.weight.detach().to("cpu").float().numpy()  # (out, 1, kh, kw)
         out_ch, _, kh, kw = w.shape
-        key = shape_key(kh, kw)
         pad = conv.padding if isinstance(conv.padding, str) else "x".join(map(str, conv.padding))
-        layers.append(
-            Layer(
-                layer_index=i, module=path, shape=key, stride=tuple(conv.stride), dilation=tuple(conv.dilation),
-                padding=str(pad), in_channels=conv.in_channels, out_channels=out_ch,
-                multiplier=out_ch // conv.in_channels, depth=i / (n - 1) if n > 1 else 0.0,
-            )
-        )
-        lab = None
-        if labels is not None:
-            lab = labels.get(path)
-            if lab is None or len(lab) != out_ch:
-                raise ValueError(f"planted labels for layer {path!r} are missing or of the wrong length")
-        parts.setdefault(key, []).append((w.reshape(out_ch, kh, kw), i, lab))
-    return Extracted(
-        layers=layers,
-        kernels={k: np.concatenate([w for w, _, _ in v]) for k, v in parts.items()},
-        layer={k: np.concatenate([np.full(len(w), i, np.int32) for w, i, _ in v]) for k, v in parts.items()},
-        channel={k: np.concatenate([np.arange(len(w), dtype=np.int32) for w, _, _ in v]) for k, v in parts.items()},
-        labels=None if labels is None else {k: np.concatenate([l for _, _, l in v]).astype(np.int16) for k, v in parts.items()},
-    )
+        part_of, offset = mixed.get(path, (None, 0))
+        items.append(KernelLayer(
+            module=path, weight=w.reshape(out_ch, kh, kw), stride=tuple(conv.stride), dilation=tuple(conv.dilation),
+            padding=str(pad), in_channels=conv.in_channels, norm_after=norm_after.get(path), part_of=part_of,
+            channel_offset=offset, param=f"{path}.weight" if path else "weight",
+        ))
+    return assemble(items, labels, reparameterized=fused)

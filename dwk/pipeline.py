@@ -31,11 +31,18 @@ def data_dir(cfg: RunConfig) -> Path:
 def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, chunk_kernels: int) -> dict[str, Any]:
     """Extract one checkpoint into the store, unless it is already there from the same weights.
 
+    Torch sources build the model and extract by module structure (re-parameterisable models
+    fused first unless ``spec.reparameterize`` is off); the weights-only and ONNX sources read
+    their kernels without a model. Per-checkpoint metadata (content hash, timm pretrained config
+    and tag, Hub location, remapping, re-parameterisation) goes into the store's record.
+
     Returns ``{id, source, status: "extracted" | "skipped", n_kernels, shapes, fingerprint}``.
     Raises ``sources.CheckpointError`` or ``extract.NoDepthwiseError`` with a message for the user.
     """
     store = KernelStore(store_path)
     fp = sources.fingerprint(spec, data_path)
+    if not spec.reparameterize and spec.source not in ("weights", "onnx"):
+        fp += "+no-reparam"  # the same weights extracted another way
     if store.is_complete(spec.id, fp, EXTRACTOR_VERSION):
         rec = store.checkpoint(spec.id)
         logger.info("%s: already extracted (%d kernels), skipping", spec.id, rec.n_kernels)
@@ -43,13 +50,21 @@ def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, 
                     fingerprint=fp)
     t0 = time.perf_counter()
     loaded = sources.load(spec, data_path)
-    try:
-        extracted = extract_model(loaded.model, labels=loaded.labels)
-    except ValueError as e:
-        raise sources.CheckpointError(spec.id, str(e)) from e
+    if loaded.extracted is not None:
+        extracted = loaded.extracted
+    else:
+        try:
+            extracted = extract_model(loaded.model, labels=loaded.labels,
+                                      reparameterize=spec.reparameterize and loaded.labels is None)
+        except ValueError as e:
+            raise sources.CheckpointError(spec.id, str(e)) from e
+    reserved = {"id", "source", "fingerprint", "extractor_version", "layers", "shapes", "complete"}
+    extra = dict(model=spec.model_name if loaded.model is not None else None,
+                 file=str(loaded.path) if loaded.path else None, reparameterized=extracted.reparameterized)
+    extra.update({k: v for k, v in loaded.meta.items() if k not in reserved})
     rec = store.write_checkpoint(
         spec.id, source=spec.source, fingerprint=fp, extractor_version=EXTRACTOR_VERSION, extracted=extracted,
-        chunk_kernels=chunk_kernels, extra=dict(model=spec.model_name, file=str(loaded.path) if loaded.path else None),
+        chunk_kernels=chunk_kernels, extra=extra,
     )
     logger.info("%s: extracted %d depthwise kernels %s from %d layers in %.1fs", spec.id, rec.n_kernels, rec.shapes,
                 len(rec.layers), time.perf_counter() - t0)
