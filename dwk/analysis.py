@@ -16,21 +16,26 @@ from pathlib import Path
 import numpy as np
 
 from dwk import autoencoder as ae
-from dwk.clusters import FittedClusters, PaperClusterer, fit_clusters, noise_kernels, select_merge, tau_curve
+from dwk.clusters import (
+    FittedClusters,
+    PaperClusterer,
+    fit_clusters,
+    merge_same_name,
+    noise_kernels,
+    pairwise_ari,
+    select_merge,
+    tau_curve,
+)
 from dwk.config import RunConfig
 from dwk.controls import kmeans_baseline, master_key_fit, planted_recovery
 from dwk.dog import fit_reference, name_prototypes
+from dwk.extract import REGULAR_PREFIX, group_shape
 from dwk.planted import STANDARD_CLASSES
 from dwk.store import STATUS_DEAD, STATUS_OK, KernelStore
 
 logger = logging.getLogger(__name__)
 
 TAU_GRID = np.round(np.linspace(0.0, 1.0, 101), 2)
-
-
-def _shape_tuple(shape: str) -> tuple[int, int]:
-    kh, kw = shape.split("x")
-    return int(kh), int(kw)
 
 
 def kernel_table(store: KernelStore, run_id: str, shape: str) -> dict[str, np.ndarray]:
@@ -87,6 +92,28 @@ def train_shape(
     return path, losses
 
 
+def fit_kmeans_mode(x_fit: np.ndarray, noise: np.ndarray, cc, kshape: tuple[int, int]) -> tuple[FittedClusters, dict]:
+    """The default clusters: over-segment, merge at the seed-stability-chosen threshold, join
+    same-named clusters. Returns the clusters of seed ``cc.seed`` and the selection record (the
+    threshold grid and the seed stability of the final partitions)."""
+    common = dict(min_share=cc.min_share, alpha=cc.alpha)
+    seeds = tuple(cc.seed + i for i in range(cc.seeds))
+    grid = cc.merge_grid if cc.merge_cos == "auto" else (float(cc.merge_cos),)
+
+    def by_name(f: FittedClusters) -> FittedClusters:
+        names = [n["name"] for n in name_prototypes(f.prototypes, kshape, cc.name_cos)]
+        return merge_same_name(f, names, x_fit, noise, **common)
+
+    merge, table, fits = select_merge(x_fit, noise, n_init=cc.n_init_clusters, grid=grid, seeds=seeds,
+                                      max_fit=cc.max_fit_kernels, post=by_name if cc.merge_same_name else None,
+                                      **common)
+    best = next(r for r in table if r["merge_cos"] == merge)
+    selection = dict(merge_cos=merge, chosen_by="seed stability" if len(grid) > 1 else "config", grid=table,
+                     merged_same_name=cc.merge_same_name,
+                     seed_stability=dict(seeds=list(seeds), ari_mean=best["stability_mean"], ari_min=best["stability_min"]))
+    return fits[cc.seed], selection
+
+
 def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, model_path: Path) -> dict:
     """Cut clusters, name them, classify every kernel of the shape group, run the controls.
 
@@ -102,26 +129,19 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
     x_fit = x[fit]
     model = ae.load(model_path)
     noise = noise_kernels(cc.n_null, x.shape[1], cfg.normalize.method, cc.seed + 1_000_003)
+    kshape = group_shape(shape)
     common = dict(min_share=cc.min_share, alpha=cc.alpha)
 
     paper = None
     if model.latent_dim == 1:
         paper = fit_clusters(PaperClusterer(model, cc.grid, cc.paper_merge_cos).fit(x_fit), x_fit, noise, **common)
-    seeds = tuple(cc.seed + i for i in range(cc.seeds))
     selection = None
     if cc.mode == "paper":
         if paper is None:
             raise ValueError("cluster.mode 'paper' needs autoencoder.latent_dim: 1")
         primary = paper
     else:
-        grid = cc.merge_grid if cc.merge_cos == "auto" else (float(cc.merge_cos),)
-        merge, table_, fits = select_merge(x_fit, noise, n_init=cc.n_init_clusters, grid=grid, seeds=seeds,
-                                           max_fit=cc.max_fit_kernels, **common)
-        primary = fits[cc.seed]
-        best = next(r for r in table_ if r["merge_cos"] == merge)
-        selection = dict(merge_cos=merge, chosen_by="seed stability" if len(grid) > 1 else "config", grid=table_,
-                         seed_stability=dict(seeds=list(seeds), ari_mean=best["stability_mean"],
-                                             ari_min=best["stability_min"]))
+        primary, selection = fit_kmeans_mode(x_fit, noise, cc, kshape)
 
     labels = np.full(len(x), -1, np.int32)
     cos = np.full(len(x), np.nan, np.float32)
@@ -135,7 +155,6 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
     store.write_run_array(run_id, shape, "prototypes", primary.prototypes.astype(np.float32),
                           max(len(primary.prototypes), 1), ("cluster", "tap"))
 
-    kshape = _shape_tuple(shape)
     names = name_prototypes(primary.prototypes, kshape, cc.name_cos)
     fit_cos, fit_lab = cos[fit], labels[fit]
     tau_null = primary.tau_null
@@ -175,10 +194,15 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
         summary["controls"]["master_key"] = master_key_fit(x_fit, primary.prototypes, fit_lab)
     if paper is not None:
         summary["paper"] = _paper_summary(paper, x_fit, kshape, cc.name_cos)
-    planted = fit & (table["label"] >= -1)
-    if planted.any():
-        summary["planted"] = planted_recovery(table["label"][planted], labels[planted], cos[planted], tau_null,
-                                              [n["name"] for n in names], [c.name for c in STANDARD_CLASSES])
+    # Planted-structure recovery, per checkpoint that carries planted labels.
+    ckpt_ids = [c["id"] for c in store.run_meta(run_id)["checkpoints"]]
+    planted = {}
+    for i in np.unique(table["ckpt"][fit & (table["label"] >= -1)]):
+        m = fit & (table["label"] >= -1) & (table["ckpt"] == i)
+        planted[ckpt_ids[i]] = planted_recovery(table["label"][m], labels[m], cos[m], tau_null,
+                                                [n["name"] for n in names], [c.name for c in STANDARD_CLASSES])
+    if planted:
+        summary["planted"] = planted
     logger.info("%s: %d clusters (%d minor), tau_null %.3f, classified %.1f%% of %d fitted kernels",
                 shape, len(clusters), int(primary.minor.sum()), tau_null, 100 * summary["classified_share"], fit.sum())
     return summary
@@ -249,9 +273,11 @@ def checkpoint_tables(store: KernelStore, run_id: str, shapes: dict[str, dict]) 
     df = pd.concat([kernel_frame(store, run_id, shape, s) for shape, s in shapes.items()], ignore_index=True)
     df["ok"] = df["status"] == "ok"
     df["dead"] = df["status"] == "dead"
+    df["regular"] = df["shape"].str.startswith(REGULAR_PREFIX)
     rows = []
     for c in meta["checkpoints"]:
-        d = df[df["checkpoint"] == c["id"]]
+        reg = df[(df["checkpoint"] == c["id"]) & df["regular"]]
+        d = df[(df["checkpoint"] == c["id"]) & ~df["regular"]]
         n_ok = max(int(d["ok"].sum()), 1)
         counts = d.loc[d["classified"], "cluster_name"].value_counts()
         top = [f"{name} {v / n_ok:.0%}" for name, v in counts.items() if v >= 0.01 * n_ok][:3]
@@ -264,6 +290,9 @@ def checkpoint_tables(store: KernelStore, run_id: str, shapes: dict[str, dict]) 
             shapes=sorted(d["shape"].unique().tolist()),
             tau_curve=(tau_curve(cos_ok[d["ok"].to_numpy()], TAU_GRID).round(4).tolist()),
         ))
+        if len(reg):  # the comparison set, analysed the same way
+            rows[-1].update(n_regular=int(len(reg)),
+                            regular_classified_share=round(int(reg["classified"].sum()) / max(int(reg["ok"].sum()), 1), 4))
     layer_rows = []
     for (ckpt, layer, shape), d in df.groupby(["checkpoint", "layer", "shape"], observed=True, sort=True):
         n_ok = max(int(d["ok"].sum()), 1)

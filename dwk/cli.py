@@ -45,8 +45,9 @@ def _print_result(summary: dict) -> None:
                 f"tau_null {s['tau_null']:.3f}, classified {s['classified_share']:.1%} of non-control kernels")
         if "paper" in s:
             line += f" (paper mode: {s['paper']['classified_share']:.1%})"
-        if "planted" in s and s["planted"]["ari"] is not None:
-            line += f", planted ARI {s['planted']['ari']:.2f}"
+        aris = [f"{k} {p['ari']:.2f}" for k, p in s.get("planted", {}).items() if p.get("ari") is not None]
+        if aris:
+            line += f"; planted ARI: {', '.join(aris)}"
         print(line)
     controls = summary.get("controls")
     if controls:

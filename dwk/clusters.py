@@ -116,13 +116,16 @@ class KMeansMergeClusterer:
         return self.center_cluster_[self.kmeans_.predict(x)]
 
 
+N_INIT = 4
+
+
 def overseg(x: np.ndarray, n_clusters: int, random_state: int, max_fit: int = 200_000):
     """k-means over-segmentation on at most ``max_fit`` kernels (seeded subsample)."""
     from sklearn.cluster import KMeans
 
     if len(x) > max_fit:
         x = x[np.random.default_rng(random_state).choice(len(x), max_fit, replace=False)]
-    return KMeans(n_clusters=min(n_clusters, len(x)), n_init=4, random_state=random_state).fit(x)
+    return KMeans(n_clusters=min(n_clusters, len(x)), n_init=N_INIT, random_state=random_state).fit(x)
 
 
 @dataclass
@@ -189,19 +192,24 @@ def select_merge(
     min_share: float,
     alpha: float,
     max_fit: int = 200_000,
+    post=None,
 ) -> tuple[float, list[dict], dict[int, FittedClusters]]:
     """Choose the merge threshold by seed stability (METHOD 2.4: choosing the number of clusters).
 
     For each seed, one k-means over-segmentation; for each threshold, the partition into classified
     clusters (kernels not classified at tau_null form one group) is compared across seeds by ARI.
     The most stable threshold wins; near-ties (within 0.005) go to the higher threshold (more
-    clusters). Returns (threshold, the table over the grid, the fitted clusterings per seed at it).
+    clusters). ``post`` (FittedClusters -> FittedClusters) is applied to every clustering before it
+    is scored, so the threshold is chosen for the final partitions. Returns (threshold, the table
+    over the grid, the fitted clusterings per seed at it).
     """
     kms = {s: overseg(x_fit, n_init, s, max_fit) for s in seeds}
     table, fits = [], {}
     for mc in grid:
         per_seed = {s: fit_clusters(KMeansMergeClusterer(n_init, mc, s, max_fit).fit(x_fit, kmeans=km), x_fit, noise,
                                     min_share=min_share, alpha=alpha) for s, km in kms.items()}
+        if post is not None:
+            per_seed = {s: post(f) for s, f in per_seed.items()}
         aris = pairwise_ari([f.classified_labels(x_fit) for f in per_seed.values()]) if len(seeds) > 1 else [1.0]
         table.append(dict(merge_cos=mc, stability_mean=round(float(np.mean(aris)), 4),
                           stability_min=round(float(np.min(aris)), 4),
@@ -211,6 +219,32 @@ def select_merge(
     logger.info("merge threshold %.2f chosen by seed stability: %s", best,
                 ", ".join(f"{r['merge_cos']:.2f}: {r['stability_mean']:.3f}" for r in table))
     return best, table, fits[best]
+
+
+class RelabelledClusterer:
+    """A fitted clusterer whose clusters are re-grouped by ``mapping`` (old cluster -> new cluster)."""
+
+    def __init__(self, inner, mapping: np.ndarray):
+        self.inner, self.mapping = inner, np.asarray(mapping, np.int32)
+        self.n_clusters_ = int(self.mapping.max()) + 1
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.mapping[self.inner.predict(x)]
+
+
+def merge_same_name(fitted: FittedClusters, names: list[str], x_fit: np.ndarray, noise: np.ndarray, *,
+                    min_share: float, alpha: float) -> FittedClusters:
+    """Join clusters whose prototypes carry the same reference name (unnamed clusters stay apart).
+
+    Over-segmentation splits one pattern family into pieces (wide and narrow DoGs, say); at the
+    resolution of the reference bank they are one identified cluster. Prototypes, shares, minor
+    flags and tau_null are recomputed for the joined clusters.
+    """
+    ids: dict[str, int] = {}
+    mapping = [ids.setdefault(n if not n.startswith("unnamed") else f"\0{i}", len(ids)) for i, n in enumerate(names)]
+    if len(ids) == len(names):
+        return fitted
+    return fit_clusters(RelabelledClusterer(fitted.clusterer, mapping), x_fit, noise, min_share=min_share, alpha=alpha)
 
 
 def classify(

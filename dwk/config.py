@@ -26,11 +26,18 @@ class _Strict(BaseModel):
 
 
 class PlantedSpec(_Strict):
-    """Depthwise weights drawn from the planted population of METHOD 2.7 (the demo's ground truth)."""
+    """Depthwise weights drawn from the planted population of METHOD 2.7 (the demo's ground truth).
+
+    With ``arch``, the depthwise weights of that timm model are planted. Without ``arch``, ``shape``
+    and ``n`` give a bare population of ``n`` kernels (one pseudo-layer): the standard planted
+    population of METHOD 2.7 is ``{shape: [7, 7], n: 20000, noise_share: 0.2}``.
+    """
 
     seed: int = 0
     noise_share: float = Field(0.1, ge=0.0, le=1.0)
     snr: float = Field(2.0, gt=0.0)
+    shape: tuple[int, int] | None = None
+    n: int = Field(20000, ge=2)
 
 
 class CheckpointSpec(_Strict):
@@ -44,7 +51,8 @@ class CheckpointSpec(_Strict):
       file by tensor shape, no model built;
     - ``onnx: X.onnx``: the depthwise Conv nodes of an ONNX graph;
     - ``arch`` + ``pretrained: false``: random initialisation with ``seed`` (the null control);
-    - ``arch`` + ``planted``: a planted-structure checkpoint that dwk writes itself (the demo).
+    - ``arch`` + ``planted``: a planted-structure checkpoint that dwk writes itself (the demo);
+    - ``planted: {shape, n, ...}`` without ``arch``: a bare planted population (no model).
 
     A ``pattern:`` / ``module:`` entry is not a checkpoint: ``load_config`` expands it into one
     entry per matching timm pretrained checkpoint (see ``CheckpointPattern``).
@@ -85,7 +93,8 @@ class CheckpointSpec(_Strict):
         if self.onnx is not None and (self.arch or not self.pretrained):
             raise ValueError(f"checkpoint {self.id!r}: an 'onnx' model carries its own graph and weights; "
                              "drop 'arch' / 'pretrained'")
-        model_free = self.file is not None and not self.arch and (self._is_weights_file or self._is_folder)
+        model_free = (self.file is not None and not self.arch and (self._is_weights_file or self._is_folder)) or (
+            self.planted is not None and not self.arch and self.planted.shape is not None)
         if (self.file is not None or self.planted is not None or not self.pretrained) and not self.arch \
                 and not model_free:
             raise ValueError(
@@ -193,6 +202,8 @@ class ClusterConfig(_Strict):
     merge_cos: float | Literal["auto"] = "auto"
     merge_grid: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
     seeds: int = Field(3, ge=1, description="k-means seeds: stability-based choice and the seed-stability control")
+    # Clusters whose prototypes get the same reference name are one identified cluster (kmeans mode).
+    merge_same_name: bool = True
     max_fit_kernels: int = Field(200_000, ge=100, description="subsample size for fitting the clusters")
     grid: int = Field(64, ge=2)
     paper_merge_cos: float = Field(0.95, ge=-1.0, le=1.0)
@@ -210,6 +221,9 @@ class ControlsConfig(_Strict):
     kmeans: bool = True  # k-means on raw kernels with the same number of clusters: ARI and classified share
     master_key: bool = True  # sign-invariant a*p + b fit of every kernel to every prototype
     fit_dog: bool = True  # least-squares DoG parameters of each named cluster
+    # The same analysis on regular (groups == 1) convs of the depthwise shapes, by layer depth.
+    regular: bool = True
+    regular_max_per_layer: int = Field(256, ge=1, description="regular kernels sampled per layer (seeded)")
 
 
 class DaskConfig(_Strict):

@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 # Bump when the extracted content or its metadata changes: stores extracted by an older version
 # are redone on the next run.
 # 2: per-layer norm_after / part_of / channel_offset / param; re-parameterisation before extraction.
-EXTRACTOR_VERSION = 2
+# 3: the regular-convolution comparison set ("regular-<shape>" groups, Layer.kind).
+EXTRACTOR_VERSION = 3
+REGULAR_PREFIX = "regular-"
 
 # Modules that pass their input through unchanged (at inference): skipped when looking for what
 # follows a depthwise conv.
@@ -81,6 +83,7 @@ class Layer:
     part_of: str | None = None  # the mixed-kernel layer (timm MixedConv2d) this conv is one part of
     channel_offset: int = 0  # first output channel of this part within ``part_of``
     param: str | None = None  # the weight tensor's name in the checkpoint
+    kind: str = "depthwise"  # or "regular": the comparison set (see extract_regular)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -111,6 +114,12 @@ def shape_key(kh: int, kw: int) -> str:
     return f"{kh}x{kw}"
 
 
+def group_shape(group: str) -> tuple[int, int]:
+    """The kernel shape of a group name: ``7x7`` and ``regular-7x7`` -> (7, 7)."""
+    kh, kw = group.removeprefix(REGULAR_PREFIX).split("x")
+    return int(kh), int(kw)
+
+
 @dataclass
 class Extracted:
     """All depthwise kernels of one checkpoint, grouped by shape.
@@ -129,7 +138,8 @@ class Extracted:
 
     @property
     def n_kernels(self) -> int:
-        return sum(len(v) for v in self.kernels.values())
+        """Depthwise kernels (the regular comparison set is not counted)."""
+        return sum(len(v) for k, v in self.kernels.items() if not k.startswith(REGULAR_PREFIX))
 
 
 class NoDepthwiseError(ValueError):
@@ -359,3 +369,66 @@ def extract_model(model, labels: dict[str, np.ndarray] | None = None, *, reparam
             channel_offset=offset, param=f"{path}.weight" if path else "weight",
         ))
     return assemble(items, labels, reparameterized=fused)
+
+
+# ----------------------------------------------------------------------------- regular convs
+def is_regular(conv) -> bool:
+    """A dense 2-D conv (groups == 1) with a kernel larger than 1x1: the comparison set."""
+    import torch.nn as nn
+
+    return isinstance(conv, nn.Conv2d) and conv.groups == 1 and tuple(conv.kernel_size) != (1, 1)
+
+
+def extract_regular(model, max_per_layer: int = 256, seed: int = 0) -> Extracted | None:
+    """Regular (non-depthwise) kernels as a comparison set, at most ``max_per_layer`` per layer.
+
+    A regular conv of shape (out, in, kh, kw) holds out*in kernels; a seeded sample of
+    ``max_per_layer`` of them is kept, and ``channel`` holds each one's flat ``out * in + in`` index.
+    Shape groups are named ``regular-<shape>``; layer indices follow the model's order among the
+    regular convs. Returns None when the model has none.
+    """
+    rng = np.random.default_rng(seed)
+    convs = [(p, m) for p, m in model.named_modules() if is_regular(m)]
+    if not convs:
+        return None
+    n = len(convs)
+    layers, parts = [], {}
+    for i, (path, conv) in enumerate(convs):
+        w = conv.weight.detach().to("cpu").float().numpy()
+        out_ch, in_ch, kh, kw = w.shape
+        flat = w.reshape(out_ch * in_ch, kh, kw)
+        idx = np.arange(len(flat)) if len(flat) <= max_per_layer else np.sort(
+            rng.choice(len(flat), max_per_layer, replace=False))
+        key = REGULAR_PREFIX + shape_key(kh, kw)
+        pad = conv.padding if isinstance(conv.padding, str) else "x".join(map(str, conv.padding))
+        layers.append(Layer(layer_index=i, module=path, shape=key, stride=tuple(conv.stride),
+                            dilation=tuple(conv.dilation), padding=str(pad), in_channels=in_ch, out_channels=out_ch,
+                            multiplier=None, depth=i / (n - 1) if n > 1 else 0.0, param=f"{path}.weight",
+                            kind="regular"))
+        parts.setdefault(key, []).append((flat[idx], i, idx.astype(np.int32)))
+    return Extracted(
+        layers=layers,
+        kernels={k: np.concatenate([w for w, _, _ in v]) for k, v in parts.items()},
+        layer={k: np.concatenate([np.full(len(w), i, np.int32) for w, i, _ in v]) for k, v in parts.items()},
+        channel={k: np.concatenate([c for _, _, c in v]) for k, v in parts.items()},
+    )
+
+
+def with_regular(ex: Extracted, reg: Extracted | None) -> Extracted:
+    """Add a regular-conv comparison set to a depthwise extraction (layer indices follow the DW ones)."""
+    if reg is None:
+        return ex
+    off = len(ex.layers)
+    layers = ex.layers + [Layer(**{**r.to_dict(), "layer_index": r.layer_index + off,
+                                   "stride": tuple(r.stride), "dilation": tuple(r.dilation)}) for r in reg.layers]
+    labels = None
+    if ex.labels is not None:  # regular kernels are never planted: label -2
+        labels = {**ex.labels, **{k: np.full(len(v), -2, np.int16) for k, v in reg.kernels.items()}}
+    return Extracted(
+        layers=layers,
+        kernels={**ex.kernels, **reg.kernels},
+        layer={**ex.layer, **{k: v + off for k, v in reg.layer.items()}},
+        channel={**ex.channel, **reg.channel},
+        labels=labels,
+        reparameterized=ex.reparameterized,
+    )

@@ -16,7 +16,14 @@ from typing import Any
 
 from dwk import sources
 from dwk.config import CheckpointSpec, DaskConfig, RunConfig
-from dwk.extract import EXTRACTOR_VERSION, extract_model
+from dwk.extract import (
+    EXTRACTOR_VERSION,
+    REGULAR_PREFIX,
+    extract_model,
+    extract_regular,
+    group_shape,
+    with_regular,
+)
 from dwk.store import KernelStore
 
 logger = logging.getLogger(__name__)
@@ -28,7 +35,8 @@ def data_dir(cfg: RunConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------- extraction
-def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, chunk_kernels: int) -> dict[str, Any]:
+def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, chunk_kernels: int,
+                       regular_max_per_layer: int | None = None) -> dict[str, Any]:
     """Extract one checkpoint into the store, unless it is already there from the same weights.
 
     Torch sources build the model and extract by module structure (re-parameterisable models
@@ -36,13 +44,17 @@ def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, 
     their kernels without a model. Per-checkpoint metadata (content hash, timm pretrained config
     and tag, Hub location, remapping, re-parameterisation) goes into the store's record.
 
-    Returns ``{id, source, status: "extracted" | "skipped", n_kernels, shapes, fingerprint}``.
+    ``regular_max_per_layer`` also extracts a sample of each regular conv's kernels (the comparison
+    set) from torch models. Returns ``{id, source, status: "extracted" | "skipped", n_kernels, shapes,
+    fingerprint}``.
     Raises ``sources.CheckpointError`` or ``extract.NoDepthwiseError`` with a message for the user.
     """
     store = KernelStore(store_path)
     fp = sources.fingerprint(spec, data_path)
     if not spec.reparameterize and spec.source not in ("weights", "onnx"):
         fp += "+no-reparam"  # the same weights extracted another way
+    if regular_max_per_layer:
+        fp += f"+regular{regular_max_per_layer}"
     if store.is_complete(spec.id, fp, EXTRACTOR_VERSION):
         rec = store.checkpoint(spec.id)
         logger.info("%s: already extracted (%d kernels), skipping", spec.id, rec.n_kernels)
@@ -58,6 +70,8 @@ def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, 
                                       reparameterize=spec.reparameterize and loaded.labels is None)
         except ValueError as e:
             raise sources.CheckpointError(spec.id, str(e)) from e
+        if regular_max_per_layer:
+            extracted = with_regular(extracted, extract_regular(loaded.model, regular_max_per_layer))
     reserved = {"id", "source", "fingerprint", "extractor_version", "layers", "shapes", "complete"}
     extra = dict(model=spec.model_name if loaded.model is not None else None,
                  file=str(loaded.path) if loaded.path else None, reparameterized=extracted.reparameterized)
@@ -72,6 +86,10 @@ def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, 
                 fingerprint=fp)
 
 
+def regular_max_per_layer(cfg: RunConfig) -> int | None:
+    return cfg.controls.regular_max_per_layer if cfg.controls.regular else None
+
+
 # ----------------------------------------------------------------------------- run set-up
 def new_run_id(cfg: RunConfig) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint()[:6]}"
@@ -82,7 +100,11 @@ def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_i
     store = KernelStore(cfg.store, create=False)
     by_id = {c.id: c for c in cfg.checkpoints}
     ckpts = [dict(id=e["id"], source=e["source"], control=by_id[e["id"]].is_control) for e in extracted]
-    shapes = sorted({s for e in extracted for s in e["shapes"]}, key=lambda s: tuple(map(int, s.split("x"))))
+    found = {s for e in extracted for s in e["shapes"]}
+    dw = sorted((s for s in found if not s.startswith(REGULAR_PREFIX)), key=group_shape)
+    # The comparison set: regular kernels of the shapes that depthwise kernels have.
+    regular = [REGULAR_PREFIX + s for s in dw if REGULAR_PREFIX + s in found] if cfg.controls.regular else []
+    shapes = dw + regular
     store.create_run(run_id, dict(config=cfg.model_dump(mode="json"), checkpoints=ckpts, shapes=shapes,
                                   mlflow_run_id=mlflow_run_id, offsets={}))
     return shapes
@@ -203,6 +225,8 @@ def finalize(
     for r in rows:
         figures[f"layers-{r['id']}.png"] = report.layer_shares(layer_rows, r["id"])
     figures["tau-curve-checkpoints.png"] = report.checkpoint_tau_curves(rows, analysis.TAU_GRID.tolist())
+    if any(s.startswith(REGULAR_PREFIX) for s in shape_summaries):
+        figures["depth-depthwise-vs-regular.png"] = report.depth_comparison(layer_rows)
     controls = report.controls_rows(summary)
     summary["controls"] = controls
     for name, fig in figures.items():
@@ -225,8 +249,9 @@ def finalize(
             if "paper" in s:
                 metrics[f"paper_classified_share_{shape}"] = s["paper"]["classified_share"]
                 metrics[f"paper_n_clusters_{shape}"] = s["paper"]["n_clusters"]
-            if "planted" in s and s["planted"]["ari"] is not None:
-                metrics[f"planted_ari_{shape}"] = s["planted"]["ari"]
+            for ckpt, p in s.get("planted", {}).items():
+                if p.get("ari") is not None:
+                    metrics[f"planted_ari_{shape}.{ckpt}"] = p["ari"]
         for r in rows:
             metrics[f"classified_share.{r['id']}"] = r["classified_share"]
         for c in controls:  # e.g. control.7x7.seed_stability.ari_mean
@@ -263,7 +288,7 @@ def run(cfg: RunConfig, *, track: bool = True) -> dict:
     extracted, failures = [], []
     for spec in cfg.checkpoints:
         try:
-            extracted.append(extract_checkpoint(spec, cfg.store, dpath, cfg.chunk_kernels))
+            extracted.append(extract_checkpoint(spec, cfg.store, dpath, cfg.chunk_kernels, regular_max_per_layer(cfg)))
         except sources.CheckpointError as e:
             logger.error("%s", e)
             failures.append(dict(id=spec.id, source=spec.source, error=e.reason))

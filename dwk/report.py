@@ -9,6 +9,8 @@ matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dwk.extract import group_shape  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ def checkpoint_table_text(rows: list[dict]) -> str:
 
 def gallery(shape_summary: dict, max_clusters: int = 32):
     """Prototype images with name, share and reference cosine, largest cluster first."""
-    kh, kw = map(int, shape_summary["shape"].split("x"))
+    kh, kw = group_shape(shape_summary["shape"])
     clusters = shape_summary["clusters"][:max_clusters]
     n = max(len(clusters), 1)
     cols = min(8, n)
@@ -139,15 +141,14 @@ def controls_rows(summary: dict) -> list[dict]:
             add(shape, "master-key fit", "residual_median", mk["residual_median"])
             add(shape, "master-key fit", "agreement_with_clusters", mk["agreement_with_clusters"])
             add(shape, "master-key fit", "negative_share", mk["negative_share"])
-        if "planted" in s:
-            p = s["planted"]
+        for ckpt, p in s.get("planted", {}).items():
             for metric in ("ari", "named_right_share", "structured_classified", "noise_classified"):
-                add(shape, "planted structure", metric, p.get(metric))
+                add(shape, f"planted {ckpt}", metric, p.get(metric))
         if "paper" in s:
             add(shape, "paper mode (1-D code)", "n_clusters", s["paper"]["n_clusters"])
             add(shape, "paper mode (1-D code)", "classified_share@tau_null", round(s["paper"]["classified_share"], 4))
-        if "regular" in s:
-            add(shape, "regular convs", "classified_share@tau_null", s["regular"]["classified_share"])
+        if shape.startswith("regular-"):
+            add(shape, "regular convs (comparison set)", "classified_share@tau_null", round(s["classified_share"], 4))
     return rows
 
 
@@ -170,5 +171,29 @@ def checkpoint_tau_curves(rows: list[dict], taus: list[float]):
     ax.set_ylabel("classified share")
     ax.legend(fontsize=6)
     ax.set_title("classified share over tau, per checkpoint", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def depth_comparison(layer_rows: list[dict]):
+    """Classified share by layer depth: depthwise (solid) against regular convs (dashed), per checkpoint.
+
+    The paper's contrast: depthwise kernels stay structured in deep layers, regular ones do not.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ckpts = sorted({r["checkpoint"] for r in layer_rows})
+    for j, ckpt in enumerate(ckpts):
+        for regular in (False, True):
+            rows = sorted((r for r in layer_rows if r["checkpoint"] == ckpt and r["shape"].startswith("regular-") == regular),
+                          key=lambda r: r["depth"])
+            if rows:
+                ax.plot([r["depth"] for r in rows], [r["classified_share"] for r in rows], marker=".",
+                        ls="--" if regular else "-", color=f"C{j % 10}",
+                        label=f"{ckpt} ({'regular' if regular else 'depthwise'})")
+    ax.set_xlabel("normalised depth")
+    ax.set_ylabel("classified share")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=5)
+    ax.set_title("depthwise vs regular kernels by depth", fontsize=9)
     fig.tight_layout()
     return fig

@@ -323,6 +323,8 @@ def fingerprint(spec: CheckpointSpec, data_dir: Path) -> str:
             return content_hash(path)
         except OnnxSourceError as e:
             raise CheckpointError(spec.id, str(e)) from e
+    if src == "planted" and not spec.arch:
+        return _versions_hash("population", spec.planted.model_dump_json())
     path = write_planted(spec, data_dir)[0] if src == "planted" else Path(spec.file)
     if not path.is_file():
         raise CheckpointError(spec.id, f"weights file {path} does not exist")
@@ -362,6 +364,8 @@ def load(spec: CheckpointSpec, data_dir: Path) -> Loaded:
     if src == "local-dir":
         return _load_local_dir(spec)
     labels = None
+    if src == "planted" and not spec.arch:
+        return _planted_population(spec)
     if src == "planted":
         path, labels_path = write_planted(spec, data_dir)
         from safetensors.numpy import load_file as load_np
@@ -377,6 +381,21 @@ def load(spec: CheckpointSpec, data_dir: Path) -> Loaded:
     if info:
         meta["timm"] = info
     return Loaded(model, labels, path, meta=meta)
+
+
+def _planted_population(spec: CheckpointSpec) -> Loaded:
+    """A bare planted population as one pseudo-layer (no model, no file)."""
+    from dwk.extract import Extracted, Layer, shape_key
+    from dwk.planted import planted_population
+
+    p = spec.planted
+    kernels, labels = planted_population(p.n, p.shape, noise_share=p.noise_share, snr=p.snr, seed=p.seed)
+    key = shape_key(*p.shape)
+    layer = Layer(layer_index=0, module="planted-population", shape=key, stride=None, dilation=(1, 1), padding=None,
+                  in_channels=None, out_channels=p.n, multiplier=None, depth=0.0)
+    ex = Extracted(layers=[layer], kernels={key: kernels}, layer={key: np.zeros(p.n, np.int32)},
+                   channel={key: np.arange(p.n, dtype=np.int32)}, labels={key: labels})
+    return Loaded(None, extracted=ex, meta=dict(population=p.model_dump(mode="json")))
 
 
 def _load_local_dir(spec: CheckpointSpec) -> Loaded:

@@ -9,6 +9,7 @@ Schema (``SCHEMA_VERSION``)::
         <shape>/layer     (kernel,)       int32   layer index (into attrs.layers)
         <shape>/channel   (kernel,)       int32   output channel within the layer
         <shape>/label     (kernel,)       int16   planted label (planted checkpoints only; -1 = noise)
+        regular-<shape>/  the same arrays for regular convs (the comparison set); channel = out*in + in
       runs/<run_id>/                      attrs.dwk = {config, checkpoints, offsets, stages}
         <shape>/normalized (kernel, tap)  float32 normalised, flattened kernels of all checkpoints
         <shape>/status     (kernel,)      int8    0 ok, 1 non-finite, 2 dead
@@ -61,7 +62,12 @@ class CheckpointRecord:
 
     @property
     def n_kernels(self) -> int:
-        return sum(self.shapes.values())
+        """Depthwise kernels; ``regular-<shape>`` groups are the comparison set (``n_regular``)."""
+        return sum(n for s, n in self.shapes.items() if not s.startswith("regular-"))
+
+    @property
+    def n_regular(self) -> int:
+        return sum(n for s, n in self.shapes.items() if s.startswith("regular-"))
 
 
 class KernelStore:

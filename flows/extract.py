@@ -18,7 +18,8 @@ def extract_flow(config: RunConfig) -> dict:
     """
     log = get_run_logger()
     task = extract_checkpoint_task.with_options(retries=config.retries)
-    futures = task.map(config.checkpoints, config.store, pipeline.data_dir(config), config.chunk_kernels)
+    futures = task.map(config.checkpoints, config.store, pipeline.data_dir(config), config.chunk_kernels,
+                       pipeline.regular_max_per_layer(config))
     extracted, failed = [], []
     for spec, fut in zip(config.checkpoints, futures):
         result = fut.result(raise_on_failure=False)

@@ -25,5 +25,6 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
     retry_delay_seconds=5,
     retry_condition_fn=_retry_unless_bad_input,
 )
-def extract_checkpoint_task(spec: CheckpointSpec, store: Path, data_dir: Path, chunk_kernels: int) -> dict:
-    return pipeline.extract_checkpoint(spec, store, data_dir, chunk_kernels)
+def extract_checkpoint_task(spec: CheckpointSpec, store: Path, data_dir: Path, chunk_kernels: int,
+                            regular_max_per_layer: int | None = None) -> dict:
+    return pipeline.extract_checkpoint(spec, store, data_dir, chunk_kernels, regular_max_per_layer)

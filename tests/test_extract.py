@@ -59,3 +59,24 @@ def test_planted_labels_follow_kernels():
     with torch.no_grad():
         first = next(iter(labels))
         assert np.array_equal(ex.labels["7x7"][: len(labels[first])], labels[first])
+
+
+def test_regular_comparison_set_sampled_and_kept_apart():
+    from dwk.extract import REGULAR_PREFIX, extract_regular, with_regular
+
+    model = nn.Sequential()
+    model.add_module("stem", nn.Conv2d(3, 8, 3))          # regular 3x3: 24 kernels
+    model.add_module("dw", nn.Conv2d(8, 8, 3, groups=8))  # depthwise 3x3
+    model.add_module("big", nn.Conv2d(8, 40, 3))          # regular 3x3: 320 kernels, sampled
+    model.add_module("pw", nn.Conv2d(40, 4, 1))           # 1x1: excluded
+    reg = extract_regular(model, max_per_layer=100, seed=0)
+    assert [l.module for l in reg.layers] == ["stem", "big"] and {l.kind for l in reg.layers} == {"regular"}
+    assert len(reg.kernels["regular-3x3"]) == 24 + 100
+    big = reg.layer["regular-3x3"] == 1
+    flat = model.big.weight.detach().numpy().reshape(320, 3, 3)
+    np.testing.assert_array_equal(reg.kernels["regular-3x3"][big], flat[reg.channel["regular-3x3"][big]])
+    ex = with_regular(extract_model(model), reg)
+    assert ex.n_kernels == 8  # depthwise only
+    assert set(ex.kernels) == {"3x3", REGULAR_PREFIX + "3x3"}
+    assert [l.layer_index for l in ex.layers] == [0, 1, 2] and ex.layers[1].kind == "regular"
+    assert set(np.unique(ex.layer[REGULAR_PREFIX + "3x3"])) == {1, 2}

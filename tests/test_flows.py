@@ -27,7 +27,12 @@ def test_pipeline_flow_completes_with_a_failed_checkpoint(flow_run):
     summary = state.result()
     assert [f["id"] for f in summary["failed"]] == ["corrupt"]
     on_disk = json.loads((cfg.out / summary["run_id"] / "summary.json").read_text())
-    assert set(on_disk["shapes"]) == {"3x3", "7x7"}
+    # depthwise shapes, and the regular 3x3 convs (test_efficientnet's stem) as the comparison set
+    assert set(on_disk["shapes"]) == {"3x3", "7x7", "regular-3x3"}
+    eff = next(r for r in on_disk["checkpoints"] if r["id"] == "planted-test_efficientnet")
+    assert eff["n_kernels"] == 320 and eff["n_regular"] > 0 and "regular_classified_share" in eff
+    assert any(c["control"].startswith("regular convs") for c in on_disk["controls"])
+    assert (cfg.out / summary["run_id"] / "figures" / "depth-depthwise-vs-regular.png").exists()
     rows = {r["id"]: r for r in on_disk["checkpoints"]}
     assert rows["planted-test_convnext"]["classified_share"] > 5 * max(rows["null-test_convnext"]["classified_share"], 0.01)
 

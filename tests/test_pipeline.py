@@ -64,7 +64,7 @@ def test_summary_and_contrast(first_run):
     assert rows["null-test_convnext"]["source"] == "random"
     assert rows["planted-test_convnext"]["classified_share"] >= 0.6
     assert rows["null-test_convnext"]["classified_share"] <= 0.03
-    assert sh["planted"]["ari"] > 0.5
+    assert sh["planted"]["planted-test_convnext"]["ari"] > 0.5
     layers = [l for l in on_disk["layers"] if l["checkpoint"] == "planted-test_convnext"]
     assert [l["layer"] for l in layers] == list(range(9))
     assert (cfg.out / s["run_id"] / "figures" / "gallery-7x7.png").stat().st_size > 1000
@@ -129,7 +129,7 @@ def test_controls_reported_and_tracked(first_run):
     controls = {(c["shape"], c["control"].split(" (")[0], c["metric"]): c["value"] for c in s["controls"]}
     assert controls[("all", "null checkpoint null-test_convnext", "classified_share@tau_null")] <= 0.03
     for key in (("7x7", "seed stability", "ari_mean"), ("7x7", "k-means", "ari_vs_clusters"),
-                ("7x7", "master-key fit", "residual_median"), ("7x7", "planted structure", "named_right_share"),
+                ("7x7", "master-key fit", "residual_median"), ("7x7", "planted planted-test_convnext", "named_right_share"),
                 ("7x7", "isotropic noise", "classified_share@tau_null")):
         assert key in controls, key
     assert abs(controls[("7x7", "isotropic noise", "classified_share@tau_null")] - 0.01) < 0.005
