@@ -96,3 +96,18 @@ def test_hub_download(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     model = load(CheckpointSpec(id="test_convnext.r160_in1k"), None).model
     assert extract_model(model).n_kernels > 0
+
+
+def test_bare_planted_population(tmp_path):
+    from dwk.pipeline import extract_checkpoint
+    from dwk.store import KernelStore
+
+    spec = CheckpointSpec(id="pop", planted={"shape": [5, 5], "n": 300, "noise_share": 0.2, "seed": 4})
+    assert spec.source == "planted" and not spec.is_control
+    rec = extract_checkpoint(spec, tmp_path / "s.zarr", tmp_path, 128)
+    assert rec["status"] == "extracted" and rec["shapes"] == {"5x5": 300}
+    labels = KernelStore(tmp_path / "s.zarr").kernel_index("pop", "5x5")["label"]
+    assert ((labels == -1).mean() > 0.1) and set(np.unique(labels)) <= set(range(-1, 14))
+    assert extract_checkpoint(spec, tmp_path / "s.zarr", tmp_path, 128)["status"] == "skipped"
+    with pytest.raises(ValueError, match="need 'arch'"):
+        CheckpointSpec(id="p", planted={"seed": 0})  # no shape: a model to plant into is needed
