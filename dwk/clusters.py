@@ -119,10 +119,18 @@ class KMeansMergeClusterer:
 N_INIT = 4
 
 
+MIN_PER_CLUSTER = 25  # kernels per over-segment at least: a cluster of a few kernels fits them by itself
+
+
 def overseg(x: np.ndarray, n_clusters: int, random_state: int, max_fit: int = 200_000):
-    """k-means over-segmentation on at most ``max_fit`` kernels (seeded subsample)."""
+    """k-means over-segmentation on at most ``max_fit`` kernels (seeded subsample).
+
+    Small groups get fewer clusters (``MIN_PER_CLUSTER`` kernels each on average): with one kernel
+    per cluster every kernel would match its own prototype perfectly.
+    """
     from sklearn.cluster import KMeans
 
+    n_clusters = max(2, min(n_clusters, len(x) // MIN_PER_CLUSTER))
     if len(x) > max_fit:
         x = x[np.random.default_rng(random_state).choice(len(x), max_fit, replace=False)]
     return KMeans(n_clusters=min(n_clusters, len(x)), n_init=N_INIT, random_state=random_state).fit(x)

@@ -173,7 +173,7 @@ class NormalizeConfig(_Strict):
     method: Literal["l2", "maxabs", "center_l2"] = "l2"
     dead_eps: float = Field(1e-8, ge=0.0)
     dead_rel: float = Field(1e-3, ge=0.0, lt=1.0)
-    chunk_kernels: int = Field(4096, gt=0)
+    chunk_kernels: int = Field(16384, gt=0)  # benchmarks/README.md: fewer, larger Dask tasks
 
 
 class AutoencoderConfig(_Strict):
@@ -244,7 +244,7 @@ class RunConfig(_Strict):
     experiment: str = "dwk"
     max_workers: int = Field(2, ge=1)
     retries: int = Field(1, ge=0)
-    chunk_kernels: int = Field(1024, gt=0)
+    chunk_kernels: int = Field(16384, gt=0)  # kernels per Zarr chunk (about 3 MB of 7x7 float32)
     normalize: NormalizeConfig = NormalizeConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     cluster: ClusterConfig = ClusterConfig()

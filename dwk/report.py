@@ -17,14 +17,22 @@ logger = logging.getLogger(__name__)
 def checkpoint_table_text(rows: list[dict]) -> str:
     """The per-checkpoint table as fixed-width text for the terminal."""
     head = ["checkpoint", "source", "kernels", "dead", "classified@tau_null", "classified@tau", "top clusters"]
+    regular = any("regular_classified_share" in r for r in rows)
+    if regular:  # the comparison set: regular convs of the same shapes
+        head.insert(6, "regular convs@tau_null")
     body = []
     for r in rows:
         if r.get("error"):
             body.append([r["id"], r["source"], "-", "-", "FAILED", "-", r["error"][:100]])
+            if regular:
+                body[-1].insert(6, "-")
             continue
         body.append([r["id"], r["source"] + (" (control)" if r.get("control") else ""), str(r["n_kernels"]),
                      str(r["n_dead"]), f"{r['classified_share']:.1%}", f"{r['classified_share_tau']:.1%}",
                      ", ".join(r["top_clusters"])])
+        if regular:
+            reg = r.get("regular_classified_share")
+            body[-1].insert(6, "-" if reg is None else f"{reg:.1%} of {r['n_regular']}")
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
