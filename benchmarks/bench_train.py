@@ -109,8 +109,8 @@ def main(argv=None) -> None:
         rng = f"{r['spread'][0]:,.0f}..{r['spread'][1]:,.0f}"
         print(f"{r['device']:6s} {r['batch']:6d} {r['steps']:11d} {r['s_per_epoch']:8.3f} {r['kps']:11,.0f} "
               f"{r['kps'] / base['kps']:7.2f} {rng:>21s} {r['loss']:9.4f}")
-    print(f"  loss@end: cosine loss of the last epoch (median over runs); fewer steps per epoch at larger batches "
-          f"means less training per epoch")
+    print("  loss@end: cosine loss of the last epoch (median over runs); fewer steps per epoch at larger batches "
+          "means less training per epoch")
     print("  " + other.note())
 
 

@@ -22,7 +22,6 @@ from dwk.clusters import (
     fit_clusters,
     merge_same_name,
     noise_kernels,
-    pairwise_ari,
     select_merge,
     tau_curve,
 )

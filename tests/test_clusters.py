@@ -76,8 +76,6 @@ def test_null_tau_counts_minor_noise_as_unclassified():
 
 
 def test_paper_mode_intervals_cover_the_code():
-    import torch
-
     from dwk import autoencoder as ae
     from dwk.config import AutoencoderConfig
 

@@ -39,7 +39,7 @@ def test_pipeline_flow_completes_with_a_failed_checkpoint(flow_run):
 
 def test_flow_runs_tasks_and_artifacts_are_on_the_server(flow_run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterParentTaskRunId
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     cfg, state = flow_run
     with get_client(sync_client=True) as client:
