@@ -14,7 +14,9 @@ def test_embedded_default_is_the_planted_demo():
     cfg = load_config()
     sources = [c.source for c in cfg.checkpoints]
     assert sources.count("planted") >= 2 and sources.count("random") >= 2
-    archs = {c.arch for c in cfg.checkpoints}
+    populations = [c.planted for c in cfg.checkpoints if c.source == "planted" and not c.arch]
+    assert {p.shape for p in populations} == {(7, 7), (5, 5)} and all(p.n == 20000 for p in populations)
+    archs = {c.arch for c in cfg.checkpoints if c.arch}
     assert "convnext_atto" in archs and any(a.startswith(("mobilenet", "efficientnet")) for a in archs)
 
 
