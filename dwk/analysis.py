@@ -289,6 +289,8 @@ def checkpoint_tables(store: KernelStore, run_id: str, shapes: dict[str, dict]) 
             shapes=sorted(d["shape"].unique().tolist()),
             tau_curve=(tau_curve(cos_ok[d["ok"].to_numpy()], TAU_GRID).round(4).tolist()),
         ))
+        info = (store.checkpoint(c["id"]).extra or {}).get("timm") or {}
+        rows[-1].update({k: info[k] for k in ("architecture", "tag", "data", "resolution", "license") if info.get(k)})
         if len(reg):  # the comparison set, analysed the same way
             rows[-1].update(n_regular=int(len(reg)),
                             regular_classified_share=round(int(reg["classified"].sum()) / max(int(reg["ok"].sum()), 1), 4))

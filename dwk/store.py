@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class CheckpointRecord:
     layers: list[dict]
     shapes: dict[str, int]
     complete: bool
+    extra: dict[str, Any] = field(default_factory=dict)  # source metadata: sha256, timm pretrained config, ...
 
     @property
     def n_kernels(self) -> int:
@@ -101,7 +102,8 @@ class KernelStore:
         meta = dict(self.root["checkpoints"][key].attrs.get("dwk") or {})
         if not meta:
             return None
-        return CheckpointRecord(**{f: meta[f] for f in CheckpointRecord.__dataclass_fields__})
+        known = set(CheckpointRecord.__dataclass_fields__) - {"extra"}
+        return CheckpointRecord(**{f: meta[f] for f in known}, extra={k: v for k, v in meta.items() if k not in known})
 
     def is_complete(self, ckpt_id: str, fingerprint: str, extractor_version: int) -> bool:
         """True when the checkpoint was fully extracted from the same weights by the same extractor."""

@@ -53,3 +53,12 @@ def test_errors_say_what_to_do(tmp_path):
     root.attrs["dwk"] = {"schema_version": 999}
     with pytest.raises(ValueError, match="schema version"):
         KernelStore(tmp_path / "v.zarr")
+
+
+def test_source_metadata_comes_back(tmp_path, extracted):
+    store = KernelStore(tmp_path / "s.zarr")
+    timm_info = {"architecture": "convnext_atto", "tag": "d2_in1k", "data": "in1k", "resolution": 224}
+    store.write_checkpoint("c", source="hub", fingerprint="f", extractor_version=1, extracted=extracted,
+                           chunk_kernels=64, extra={"timm": timm_info, "sha256": "abc"})
+    rec = store.checkpoint("c")
+    assert rec.extra == {"timm": timm_info, "sha256": "abc"} and rec.complete
