@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dwk._random import torch_seeded
 from dwk.config import AutoencoderConfig
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,9 @@ def train(
     if len(x) < 2:
         raise ValueError(f"need at least 2 kernels to train an autoencoder, got {len(x)}")
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    model = KernelAutoencoder(x.shape[1], cfg.latent_dim, cfg.hidden, cfg.sigmoid).to(device)
+    with torch_seeded(cfg.seed):
+        model = KernelAutoencoder(x.shape[1], cfg.latent_dim, cfg.hidden, cfg.sigmoid).to(device)
     data = torch.as_tensor(x, dtype=torch.float32, device=device)  # the shape group fits in memory
     bs = min(cfg.batch_size, len(x))
     steps_per_epoch = math.ceil(len(x) / bs)

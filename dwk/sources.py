@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from dwk._random import torch_seeded
 from dwk.config import CheckpointSpec
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,6 @@ def planted_paths(spec: CheckpointSpec, data_dir: Path) -> tuple[Path, Path]:
 
 def write_planted(spec: CheckpointSpec, data_dir: Path) -> tuple[Path, Path]:
     """Write a planted checkpoint (weights + labels) unless it already exists; return both paths."""
-    import torch
     from safetensors.numpy import save_file as save_np
     from safetensors.torch import save_file
 
@@ -115,8 +115,8 @@ def write_planted(spec: CheckpointSpec, data_dir: Path) -> tuple[Path, Path]:
     if weights.exists() and labels_path.exists():
         return weights, labels_path
     data_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(spec.planted.seed)
-    model = _create(spec, pretrained=False)
+    with torch_seeded(spec.planted.seed):
+        model = _create(spec, pretrained=False)
     labels = plant_model(model, seed=spec.planted.seed, noise_share=spec.planted.noise_share, snr=spec.planted.snr)
     # Write to temporary names first: an interrupted write never leaves a half file under the real name.
     tmp_w, tmp_l = weights.with_suffix(".tmp"), labels_path.with_suffix(".tmp")
@@ -349,12 +349,11 @@ def load(spec: CheckpointSpec, data_dir: Path) -> Loaded:
 
     ``data_dir`` holds files dwk writes (planted).
     """
-    import torch
 
     src = spec.source
     if src == "random":
-        torch.manual_seed(spec.seed)
-        return Loaded(_create(spec, pretrained=False))
+        with torch_seeded(spec.seed):
+            return Loaded(_create(spec, pretrained=False))
     if src == "hub":
         return _load_hub(spec)
     if src == "weights":

@@ -111,3 +111,21 @@ def test_bare_planted_population(tmp_path):
     assert extract_checkpoint(spec, tmp_path / "s.zarr", tmp_path, 128)["status"] == "skipped"
     with pytest.raises(ValueError, match="need 'arch'"):
         CheckpointSpec(id="p", planted={"seed": 0})  # no shape: a model to plant into is needed
+
+
+def test_seeded_models_are_the_same_when_built_in_threads(tmp_path):
+    """Prefect extracts checkpoints in threads; torch's global RNG must not leak between them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = [CheckpointSpec(id=f"r{i}", arch=a, pretrained=False, seed=i)
+             for i, a in enumerate(["test_convnext", "test_efficientnet"] * 3)]
+
+    def weights(spec):
+        sd = load(spec, tmp_path).model.state_dict()
+        return {k: v.clone() for k, v in sd.items() if v.is_floating_point()}
+
+    serial = [weights(s) for s in specs]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(weights, specs))
+    for a, b in zip(serial, threaded):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
