@@ -202,6 +202,15 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
                                                 [n["name"] for n in names], [c.name for c in STANDARD_CLASSES])
     if planted:
         summary["planted"] = planted
+        if paper is not None:  # how the paper's 1-D code intervals recover the same planted classes
+            from sklearn.metrics import adjusted_rand_score
+
+            paper_lab = paper.clusterer.predict(x)
+            summary["paper"]["planted_ari"] = {}
+            for i in np.unique(table["ckpt"][fit & (table["label"] >= 0)]):
+                m = fit & (table["label"] >= 0) & (table["ckpt"] == i)
+                summary["paper"]["planted_ari"][ckpt_ids[i]] = round(
+                    float(adjusted_rand_score(table["label"][m], paper_lab[m])), 4)
     logger.info("%s: %d clusters (%d minor), tau_null %.3f, classified %.1f%% of %d fitted kernels",
                 shape, len(clusters), int(primary.minor.sum()), tau_null, 100 * summary["classified_share"], fit.sum())
     return summary

@@ -155,6 +155,8 @@ def controls_rows(summary: dict) -> list[dict]:
         if "paper" in s:
             add(shape, "paper mode (1-D code)", "n_clusters", s["paper"]["n_clusters"])
             add(shape, "paper mode (1-D code)", "classified_share@tau_null", round(s["paper"]["classified_share"], 4))
+            for ckpt, ari in s["paper"].get("planted_ari", {}).items():
+                add(shape, "paper mode (1-D code)", f"planted_ari {ckpt}", ari)
         if shape.startswith("regular-"):
             add(shape, "regular convs (comparison set)", "classified_share@tau_null", round(s["classified_share"], 4))
     return rows
