@@ -116,9 +116,9 @@ class KMeansMergeClusterer:
         return self.center_cluster_[self.kmeans_.predict(x)]
 
 
+# k-means restarts per over-segmentation. 10 made one 5x5 planted population seed-stable (0.91) but
+# not another, at twice the cost (README, "Known gaps").
 N_INIT = 4
-
-
 MIN_PER_CLUSTER = 25  # kernels per over-segment at least: a cluster of a few kernels fits them by itself
 
 

@@ -136,8 +136,9 @@ def normalize_run(cfg: RunConfig, run_id: str, client=None) -> dict[str, dict]:
     store = KernelStore(cfg.store, create=False)
     meta = store.run_meta(run_id)
     out = {}
+    shapes_of = {c["id"]: store.checkpoint(c["id"]).shapes for c in meta["checkpoints"]}  # read once
     for shape in meta["shapes"]:
-        ids = [c["id"] for c in meta["checkpoints"] if shape in (store.checkpoint(c["id"]).shapes or {})]
+        ids = [cid for cid, shapes in shapes_of.items() if shape in shapes]
         res = normalize_shape(store, run_id, shape, ids, cfg.normalize, chunk_kernels=cfg.normalize.chunk_kernels,
                               client=client)
         out[shape] = dict(n_kernels=res.n_kernels, n_nonfinite=res.n_nonfinite, n_dead=res.n_dead,
