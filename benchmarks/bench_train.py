@@ -1,7 +1,7 @@
 """Autoencoder training throughput (kernels per second per epoch) vs batch size, on CPU and CUDA.
 
 ``dwk.autoencoder.train`` (the trainer the pipeline runs, unchanged: Adam, cosine decay, one
-``loss.item()`` per step) is timed on N normalised 7x7 planted kernels for batch sizes 256, 1024
+one ``.item()`` per epoch) is timed on N normalised 7x7 planted kernels for batch sizes 256, 1024
 and 4096, on the CPU and, when ``torch.cuda.is_available()``, on the GPU. The end of each epoch is
 timestamped through the trainer's ``on_epoch`` callback; the first epoch (model set-up, first
 allocations, cuBLAS start-up) is a warm-up and is dropped, and the median over the remaining epochs
@@ -47,7 +47,7 @@ def time_training(x: np.ndarray, device: str, batch: int, epochs: int, repeats: 
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        # on_epoch runs after the epoch's last loss.item(), which waits for the device: the stamps are exact.
+        # on_epoch runs after the epoch's loss.item(), which waits for the device: the stamps are exact.
         _, loss = ae.train(x, cfg, on_epoch=lambda epoch, l: stamps.append(time.perf_counter()))
         durations = np.diff([t0, *stamps])
         per_epoch.extend(durations[1:].tolist())  # epoch 0 is the warm-up
