@@ -204,6 +204,9 @@ class ClusterConfig(_Strict):
     seeds: int = Field(3, ge=1, description="k-means seeds: stability-based choice and the seed-stability control")
     # Clusters whose prototypes get the same reference name are one identified cluster (kmeans mode).
     merge_same_name: bool = True
+    # Then settle into nearest-prototype clusters (spherical k-means from the merged prototypes):
+    # every kernel in the cluster whose prototype it matches best. Makes 5x5 partitions seed-stable.
+    refine: bool = True
     max_fit_kernels: int = Field(200_000, ge=100, description="subsample size for fitting the clusters")
     grid: int = Field(64, ge=2)
     paper_merge_cos: float = Field(0.95, ge=-1.0, le=1.0)

@@ -11,6 +11,7 @@ The derivatives are analytic: ``dG/du = -u/s^2 G`` and ``d^2G/du^2 = (u^2/s^4 - 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from dataclasses import dataclass
@@ -86,11 +87,12 @@ class Reference:
         return f"{self.family}-{s}"
 
 
+@functools.lru_cache(maxsize=32)  # naming runs many times per shape while clusters settle
 def reference_bank(
     shape: tuple[int, int],
     sigmas: tuple[float, ...] | None = None,
     ratios: tuple[float, ...] = (1.2, 1.6, 2.0, 3.0, 4.0),
-) -> tuple[list[Reference], np.ndarray]:
+) -> tuple[tuple[Reference, ...], np.ndarray]:
     """All references for a kernel shape over a parameter grid: (descriptions, patterns (R, kh*kw)).
 
     First derivatives at 8 orientations (45 degree steps, the angle carries the sign), second
@@ -117,7 +119,9 @@ def reference_bank(
     )
     # A DoG whose surround is wider than the kernel degenerates to a blob: keep only distinct patterns.
     keep = np.isfinite(pats).all(1) & (np.linalg.norm(pats, axis=1) > 0.5)
-    return [r for r, k_ in zip(refs, keep) if k_], pats[keep]
+    pats = pats[keep]
+    pats.setflags(write=False)  # cached and shared between callers
+    return tuple(r for r, k_ in zip(refs, keep) if k_), pats
 
 
 def name_prototypes(prototypes: np.ndarray, shape: tuple[int, int], name_cos: float = 0.8) -> list[dict]:

@@ -5,9 +5,12 @@ from sklearn.metrics import adjusted_rand_score
 from dwk.clusters import (
     KMeansMergeClusterer,
     PaperClusterer,
+    PrototypeClusterer,
     fit_clusters,
     noise_kernels,
     null_tau,
+    prototypes_of,
+    refine,
     select_merge,
     tau_curve,
 )
@@ -57,6 +60,25 @@ def test_planted_7x7_recovered_named_and_calibrated():
     assert abs(tau_curve(fitted.null_cos, np.array([fitted.tau_null]))[0] - 0.01) < 0.002
     assert (cos[s] >= fitted.tau_null).mean() > 0.95
     assert (cos[~s] >= fitted.tau_null).mean() < 0.15
+
+
+def test_refine_settles_into_nearest_prototype_clusters():
+    k, lab = planted_population(3000, (7, 7), noise_share=0.0, seed=4)
+    x = normalize_block(k.reshape(len(k), -1), "l2").astype(np.float64)
+    noise = noise_kernels(2000, 49, "l2", seed=7)
+    common = dict(min_share=0.005, alpha=0.01)
+    truth = prototypes_of(x, lab, 14)
+    # Start from the true prototypes, badly perturbed, plus a duplicate that can win no kernel.
+    start = normalize_block(truth + 0.15 * np.random.default_rng(0).standard_normal(truth.shape), "l2")
+    start = np.vstack([start, start[:1]])
+    rough = fit_clusters(PrototypeClusterer(start), x, noise, **common)
+    fitted = refine(rough, x, noise, **common)
+    assert fitted.clusterer.n_clusters_ == 14  # the duplicate lost every kernel and was dropped
+    pred = fitted.clusterer.predict(x)
+    # A fixed point: each prototype is the unit mean of the kernels that match it best.
+    np.testing.assert_allclose(prototypes_of(x, pred, 14), fitted.prototypes, atol=1e-12)
+    assert adjusted_rand_score(lab, pred) > adjusted_rand_score(lab, rough.clusterer.predict(x))
+    assert adjusted_rand_score(lab, pred) >= 0.95
 
 
 def test_select_merge_prefers_the_stable_threshold():

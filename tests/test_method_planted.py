@@ -1,7 +1,10 @@
 """Issue 3's acceptance on the standard planted population (METHOD 2.7): 14 DoG-family classes,
 SNR 2, 20% pure noise, 20,000 kernels, through the same clustering code as a run (default
 ClusterConfig: the clusters choose their own number by seed stability). k-means is given the true
-k as the baseline. Two population seeds per shape; about a minute on 2 cores."""
+k as the baseline. Two population seeds per shape; about a minute and a half on 2 cores.
+
+At 5x5 the classes overlap: even the nearest true class mean puts only 88% of the structured
+kernels in their class (ARI 0.75-0.76), so 5x5 is held to the k-means baseline, not to 0.9."""
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
@@ -46,6 +49,4 @@ def test_planted_standard_population(shape, seed):
         assert r["ari"] >= r["kmeans_ari"], r
     assert r["named_right"] >= 0.9, r
     assert r["noise_classified"] <= 0.03, r
-    # Issue 3 asks for seed stability >= 0.9: met for 7x7; 5x5 partitions move between seeds
-    # (0.82-0.86 measured, README "Known gaps"), guarded here against getting worse.
-    assert r["stability"] >= (0.9 if shape == (7, 7) else 0.8), r
+    assert r["stability"] >= 0.9, r
