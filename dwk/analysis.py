@@ -27,7 +27,7 @@ from dwk.clusters import (
     tau_curve,
 )
 from dwk.config import RunConfig
-from dwk.controls import kmeans_baseline, master_key_fit, planted_recovery
+from dwk.controls import kmeans_baseline, kmeans_true_k_ari, master_key_fit, planted_recovery
 from dwk.dog import fit_reference, name_prototypes
 from dwk.extract import REGULAR_PREFIX, group_shape
 from dwk.planted import STANDARD_CLASSES
@@ -218,6 +218,10 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
         m = fit & (table["label"] >= -1) & (table["ckpt"] == i)
         planted[ckpt_ids[i]] = planted_recovery(table["label"][m], labels[m], cos[m], tau_null,
                                                 [n["name"] for n in names], [c.name for c in STANDARD_CLASSES])
+        if ctl.kmeans:
+            s = m & (table["label"] >= 0)
+            planted[ckpt_ids[i]]["kmeans_ari_true_k"] = kmeans_true_k_ari(
+                x[s], table["label"][s], seed=cc.seed, max_fit=cc.max_fit_kernels)
     if planted:
         summary["planted"] = planted
         if paper is not None:  # how the paper's 1-D code intervals recover the same planted classes

@@ -1,7 +1,8 @@
 """Controls that make a clustering trustworthy (METHOD 2.7), computed from arrays.
 
 - k-means baseline on the normalised raw kernels with the same number of clusters;
-- planted-structure recovery (ARI, right names, noise classified);
+- planted-structure recovery (ARI, right names, noise classified), beside k-means given the true
+  number of planted classes;
 - the sign-invariant master-key fit of the follow-up paper: each kernel y as a*p + b for each
   zero-mean, unit-norm prototype p (a = <y, p>, b = mean(y)); a may be negative.
 The null model (random-init checkpoints, isotropic noise) and seed stability live with the
@@ -63,6 +64,17 @@ def planted_recovery(truth: np.ndarray, labels: np.ndarray, cos: np.ndarray, tau
             right.append(names[majority] == class_names[c])
         out["named_right_share"] = round(float(np.mean(right)), 4)
     return out
+
+
+def kmeans_true_k_ari(x: np.ndarray, truth: np.ndarray, *, seed: int, max_fit: int) -> float | None:
+    """Planted recovery's baseline: k-means given the true number of planted classes, on the
+    structured kernels ``x`` (truth >= 0), scored by ARI against the planted labels."""
+    from sklearn.metrics import adjusted_rand_score
+
+    k = len(np.unique(truth))
+    if k < 2 or len(x) <= k:
+        return None
+    return round(float(adjusted_rand_score(truth, overseg(x, k, seed, max_fit).predict(x))), 4)
 
 
 def master_key_fit(x: np.ndarray, prototypes: np.ndarray, labels: np.ndarray) -> dict:

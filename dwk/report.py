@@ -150,7 +150,7 @@ def controls_rows(summary: dict) -> list[dict]:
             add(shape, "master-key fit", "agreement_with_clusters", mk["agreement_with_clusters"])
             add(shape, "master-key fit", "negative_share", mk["negative_share"])
         for ckpt, p in s.get("planted", {}).items():
-            for metric in ("ari", "named_right_share", "structured_classified", "noise_classified"):
+            for metric in ("ari", "kmeans_ari_true_k", "named_right_share", "structured_classified", "noise_classified"):
                 add(shape, f"planted {ckpt}", metric, p.get(metric))
         if "paper" in s:
             add(shape, "paper mode (1-D code)", "n_clusters", s["paper"]["n_clusters"])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from dwk.clusters import noise_kernels
-from dwk.controls import kmeans_baseline, master_key_fit, planted_recovery
+from dwk.controls import kmeans_baseline, kmeans_true_k_ari, master_key_fit, planted_recovery
 from dwk.dog import fit_reference, name_prototypes, pattern
 from dwk.normalize import normalize_block
 from dwk.planted import STANDARD_CLASSES, planted_population
@@ -34,6 +34,11 @@ def test_kmeans_baseline_and_planted_recovery():
     assert rec == dict(ari=1.0, structured_classified=1.0, noise_classified=0.0, named_right_share=1.0)
     wrong = names[1:] + names[:1]
     assert planted_recovery(lab, truth_like, cos, 0.5, wrong, [c.name for c in STANDARD_CLASSES])["named_right_share"] == 0
+    s = lab >= 0
+    assert kmeans_true_k_ari(x[s], lab[s], seed=0, max_fit=10_000) > 0.6
+    shuffled = np.random.default_rng(0).permutation(lab[s])  # labels that say nothing about the kernels
+    assert abs(kmeans_true_k_ari(x[s], shuffled, seed=0, max_fit=10_000)) < 0.05
+    assert kmeans_true_k_ari(x[s], np.zeros(s.sum(), int), seed=0, max_fit=10_000) is None  # one class: no baseline
 
 
 @pytest.mark.parametrize("family, kw", [("dog", dict(sigma=0.9, ratio=2.2, sign=-1)),

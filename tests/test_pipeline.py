@@ -65,6 +65,7 @@ def test_summary_and_contrast(first_run):
     assert rows["planted-test_convnext"]["classified_share"] >= 0.6
     assert rows["null-test_convnext"]["classified_share"] <= 0.03
     assert sh["planted"]["planted-test_convnext"]["ari"] > 0.5
+    assert 0 < sh["planted"]["planted-test_convnext"]["kmeans_ari_true_k"] <= 1  # its baseline, beside it
     assert -1 <= sh["paper"]["planted_ari"]["planted-test_convnext"] <= 1  # the paper mode, beside it
     layers = [l for l in on_disk["layers"] if l["checkpoint"] == "planted-test_convnext"]
     assert [l["layer"] for l in layers] == list(range(9))
