@@ -235,11 +235,17 @@ def select_merge(
     """
     kms = {s: overseg(x_fit, n_init, s, max_fit) for s in seeds}
     table, fits = [], {}
+    done: dict[tuple[int, bytes], FittedClusters] = {}  # neighbouring thresholds often merge alike
+
+    def final(s: int, merged: KMeansMergeClusterer) -> FittedClusters:
+        key = (s, merged.center_cluster_.tobytes())
+        if key not in done:
+            f = fit_clusters(merged, x_fit, noise, min_share=min_share, alpha=alpha)
+            done[key] = post(f) if post is not None else f
+        return done[key]
+
     for mc in grid:
-        per_seed = {s: fit_clusters(KMeansMergeClusterer(n_init, mc, s, max_fit).fit(x_fit, kmeans=km), x_fit, noise,
-                                    min_share=min_share, alpha=alpha) for s, km in kms.items()}
-        if post is not None:
-            per_seed = {s: post(f) for s, f in per_seed.items()}
+        per_seed = {s: final(s, KMeansMergeClusterer(n_init, mc, s, max_fit).fit(x_fit, kmeans=km)) for s, km in kms.items()}
         aris = pairwise_ari([f.classified_labels(x_fit) for f in per_seed.values()]) if len(seeds) > 1 else [1.0]
         table.append(dict(merge_cos=mc, stability_mean=round(float(np.mean(aris)), 4),
                           stability_min=round(float(np.min(aris)), 4),
