@@ -20,19 +20,25 @@ def checkpoint_table_text(rows: list[dict]) -> str:
     regular = any("regular_classified_share" in r for r in rows)
     if regular:  # the comparison set: regular convs of the same shapes
         head.insert(6, "regular convs@tau_null")
+    trained = any(r.get("data") for r in rows)  # timm's pretrained-weight metadata, where known
+    if trained:
+        head.insert(2, "trained on")
     body = []
     for r in rows:
         if r.get("error"):
             body.append([r["id"], r["source"], "-", "-", "FAILED", "-", r["error"][:100]])
             if regular:
                 body[-1].insert(6, "-")
-            continue
-        body.append([r["id"], r["source"] + (" (control)" if r.get("control") else ""), str(r["n_kernels"]),
-                     str(r["n_dead"]), f"{r['classified_share']:.1%}", f"{r['classified_share_tau']:.1%}",
-                     ", ".join(r["top_clusters"])])
-        if regular:
-            reg = r.get("regular_classified_share")
-            body[-1].insert(6, "-" if reg is None else f"{reg:.1%} of {r['n_regular']}")
+        else:
+            body.append([r["id"], r["source"] + (" (control)" if r.get("control") else ""), str(r["n_kernels"]),
+                         str(r["n_dead"]), f"{r['classified_share']:.1%}", f"{r['classified_share_tau']:.1%}",
+                         ", ".join(r["top_clusters"])])
+            if regular:
+                reg = r.get("regular_classified_share")
+                body[-1].insert(6, "-" if reg is None else f"{reg:.1%} of {r['n_regular']}")
+        if trained:
+            body[-1].insert(2, ", ".join(x for x in (r.get("data"), r.get("resolution") and f"{r['resolution']}px") if x)
+                            or "-")
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
