@@ -82,11 +82,21 @@ def _versions_hash(*parts: object) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _create(spec: CheckpointSpec, **kwargs):
+def _create(spec: CheckpointSpec, *, seed: int = 0, **kwargs):
+    """Build ``spec``'s timm model with its random initialisation seeded by ``seed``.
+
+    Every construction holds the lock of :func:`dwk._random.torch_seeded`, also when weights are
+    loaded over the random ones afterwards: an unseeded construction in one extraction thread draws
+    from torch's global RNG while another thread builds a seeded (random-init or planted) model, and
+    that model then differs between runs. (Found in a fresh clone: a planted MobileNet's non-planted
+    weights changed between two extractions.) timm's URL-only fallback downloads inside the lock;
+    the Hub path downloads before it.
+    """
     import timm
 
     try:
-        return timm.create_model(spec.model_name, **kwargs)
+        with torch_seeded(seed):
+            return timm.create_model(spec.model_name, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             close = timm.list_models(f"*{spec.model_name.split('.')[0][:8]}*")[:5]
@@ -115,8 +125,7 @@ def write_planted(spec: CheckpointSpec, data_dir: Path) -> tuple[Path, Path]:
     if weights.exists() and labels_path.exists():
         return weights, labels_path
     data_dir.mkdir(parents=True, exist_ok=True)
-    with torch_seeded(spec.planted.seed):
-        model = _create(spec, pretrained=False)
+    model = _create(spec, seed=spec.planted.seed, pretrained=False)
     labels = plant_model(model, seed=spec.planted.seed, noise_share=spec.planted.noise_share, snr=spec.planted.snr)
     # Write to temporary names first: an interrupted write never leaves a half file under the real name.
     tmp_w, tmp_l = weights.with_suffix(".tmp"), labels_path.with_suffix(".tmp")
@@ -352,8 +361,7 @@ def load(spec: CheckpointSpec, data_dir: Path) -> Loaded:
 
     src = spec.source
     if src == "random":
-        with torch_seeded(spec.seed):
-            return Loaded(_create(spec, pretrained=False))
+        return Loaded(_create(spec, seed=spec.seed, pretrained=False))
     if src == "hub":
         return _load_hub(spec)
     if src == "weights":
@@ -411,7 +419,8 @@ def _load_local_dir(spec: CheckpointSpec) -> Loaded:
         raise CheckpointError(spec.id, f"{config} names architecture {arch!r} but the config says arch "
                                        f"{spec.arch!r}; drop 'arch' or fix it")
     try:
-        model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=False)
+        with torch_seeded(0):  # see _create
+            model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=False)
     except (RuntimeError, ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise CheckpointError(spec.id, f"timm cannot build the model of {config} ({type(e).__name__}: "
                                        f"{str(e)[:300]})") from e

@@ -119,13 +119,18 @@ def test_seeded_models_are_the_same_when_built_in_threads(tmp_path):
 
     specs = [CheckpointSpec(id=f"r{i}", arch=a, pretrained=False, seed=i)
              for i, a in enumerate(["test_convnext", "test_efficientnet"] * 3)]
+    # Checkpoints read from files build a randomly initialised model too, before their weights are
+    # loaded: that construction must not draw from the stream of a seeded one in another thread.
+    save_file({k: v.contiguous() for k, v in _weights("mobilenetv3_small_050").items()}, str(tmp_path / "m.safetensors"))
+    files = [CheckpointSpec(id=f"f{i}", arch="mobilenetv3_small_050", file=tmp_path / "m.safetensors") for i in range(6)]
 
     def weights(spec):
         sd = load(spec, tmp_path).model.state_dict()
         return {k: v.clone() for k, v in sd.items() if v.is_floating_point()}
 
     serial = [weights(s) for s in specs]
-    with ThreadPoolExecutor(4) as pool:
-        threaded = list(pool.map(weights, specs))
-    for a, b in zip(serial, threaded):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for _ in range(3):
+        with ThreadPoolExecutor(6) as pool:
+            threaded = list(pool.map(weights, [s for pair in zip(specs, files) for s in pair]))[::2]
+        for a, b in zip(serial, threaded):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
