@@ -335,6 +335,7 @@ def checkpoint_tables(store: KernelStore, run_id: str, shapes: dict[str, dict]) 
             classified_share=round(int(d["classified"].sum()) / n_ok, 4),
             classified_share_tau=round(int(d["classified_tau"].sum()) / n_ok, 4),
             cluster_shares={k: round(v / n_ok, 4) for k, v in shares.items()},
+            tau_curve=tau_curve(d.loc[d["ok"], "cosine"].to_numpy(), TAU_GRID).round(4).tolist(),
         ))
     layer_rows.sort(key=lambda r: (r["checkpoint"], r["layer"]))
     return rows, layer_rows

@@ -223,8 +223,11 @@ def finalize(
         figures[f"gallery-{shape}.png"] = report.gallery(s)
         figures[f"latent-{shape}.png"] = report.latent_histogram(s)
         figures[f"tau-curve-{shape}.png"] = report.tau_curve_figure(s)
+    tau_null = {shape: s["tau_null"] for shape, s in shape_summaries.items()}
     for r in rows:
         figures[f"layers-{r['id']}.png"] = report.layer_shares(layer_rows, r["id"])
+        figures[f"tau-layers-{r['id']}.png"] = report.layer_tau_curves(layer_rows, r["id"], analysis.TAU_GRID.tolist(),
+                                                                       tau_null)
     figures["tau-curve-checkpoints.png"] = report.checkpoint_tau_curves(rows, analysis.TAU_GRID.tolist())
     if any(s.startswith(REGULAR_PREFIX) for s in shape_summaries):
         figures["depth-depthwise-vs-regular.png"] = report.depth_comparison(layer_rows)

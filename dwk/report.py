@@ -106,6 +106,29 @@ def tau_curve_figure(shape_summary: dict):
     return fig
 
 
+def layer_tau_curves(layer_rows: list[dict], checkpoint: str, taus: list[float], tau_null: dict[str, float]):
+    """Classified share over tau for every layer of one checkpoint (rows: layers, columns: tau), with
+    each layer's shape's tau_null marked."""
+    rows = [r for r in layer_rows if r["checkpoint"] == checkpoint and "tau_curve" in r]
+    fig, ax = plt.subplots(figsize=(6, max(2.0, 0.18 * len(rows) + 1.2)))
+    if not rows:
+        ax.text(0.5, 0.5, "no layers", ha="center")
+        return fig
+    im = ax.imshow(np.array([r["tau_curve"] for r in rows]), aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                   extent=(taus[0], taus[-1], len(rows) - 0.5, -0.5), interpolation="nearest")
+    marks = [(tau_null[r["shape"]], i) for i, r in enumerate(rows) if r["shape"] in tau_null]
+    if marks:
+        ax.plot(*zip(*marks), "w|", ms=6)
+    ax.set_yticks(range(len(rows)), [f"{r['layer']} {r['shape']}" for r in rows], fontsize=5)
+    ax.set_xlabel("tau")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="classified share")
+    ax.set_title(f"{checkpoint}: classified share over tau, per layer\n(white ticks: tau_null of the layer's shape)",
+                 fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def layer_shares(layer_rows: list[dict], checkpoint: str):
     """Stacked per-layer cluster shares of one checkpoint (the paper's per-layer bars)."""
     rows = [r for r in layer_rows if r["checkpoint"] == checkpoint]

@@ -69,7 +69,11 @@ def test_summary_and_contrast(first_run):
     assert -1 <= sh["paper"]["planted_ari"]["planted-test_convnext"] <= 1  # the paper mode, beside it
     layers = [l for l in on_disk["layers"] if l["checkpoint"] == "planted-test_convnext"]
     assert [l["layer"] for l in layers] == list(range(9))
-    assert (cfg.out / s["run_id"] / "figures" / "gallery-7x7.png").stat().st_size > 1000
+    for l in layers:  # the per-layer classified-share curve agrees with the shares at tau and tau_null
+        curve = dict(zip(s["shapes"]["7x7"]["tau_curve"]["tau"], l["tau_curve"]))
+        assert curve[0.7] == l["classified_share_tau"] and curve[0.0] >= curve[0.5] >= curve[1.0]
+    for fig in ("gallery-7x7.png", "tau-layers-planted-test_convnext.png"):
+        assert (cfg.out / s["run_id"] / "figures" / fig).stat().st_size > 1000
 
 
 def test_mlflow_holds_the_run(first_run):
