@@ -194,7 +194,7 @@ class ClusterConfig(_Strict):
     """METHOD 2.4-2.6 (dwk): cutting clusters, naming them, classifying kernels."""
 
     # The default mode was chosen by measurement on planted populations (README, "Method choices"):
-    # k-means over-segmentation + merge recovers the planted classes (7x7 ARI 0.99), the paper's 1-D
+    # k-means over-segmentation + merge recovers the planted classes (7x7 ARI 0.97), the paper's 1-D
     # code intervals do not (ARI 0.1-0.2). Paper mode is always computed and reported beside it.
     mode: Literal["paper", "kmeans"] = "kmeans"
     n_init_clusters: int = Field(48, ge=2)
