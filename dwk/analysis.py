@@ -21,6 +21,8 @@ from dwk.clusters import (
     PaperClusterer,
     fit_clusters,
     merge_same_name,
+    blends,
+    dissolve,
     noise_kernels,
     refine,
     select_merge,
@@ -36,7 +38,7 @@ from dwk.store import STATUS_DEAD, STATUS_OK, KernelStore
 logger = logging.getLogger(__name__)
 
 TAU_GRID = np.round(np.linspace(0.0, 1.0, 101), 2)
-SETTLE_ROUNDS = 5  # join-then-refine rounds; measured: settles in 1-3 on planted populations
+SETTLE_ROUNDS = 8  # refine / join / dissolve rounds; planted populations settle in 1-4
 
 
 def kernel_table(store: KernelStore, run_id: str, shape: str) -> dict[str, np.ndarray]:
@@ -109,17 +111,30 @@ def fit_kmeans_mode(x_fit: np.ndarray, noise: np.ndarray, cc, kshape: tuple[int,
         return merge_same_name(f, names, x_fit, noise, **common)
 
     def settle(f: FittedClusters) -> FittedClusters:
-        """Join same-named clusters and refine until no two clusters share a name (a refined
-        prototype can drift onto a neighbour's name, so the two steps alternate)."""
+        """Join same-named clusters, refine, and dissolve border clusters, until none of the three
+        changes anything (a refined prototype can drift onto a neighbour's name, and a dissolved
+        border moves its neighbours' prototypes)."""
         f = by_name(f)
         if not cc.refine:
             return f
         for _ in range(SETTLE_ROUNDS):
             f = refine(f, x_fit, noise, **common)
             joined = by_name(f)
-            if joined is f:
+            if joined is not f:
+                f = joined
+                continue
+            if not cc.dissolve_blends:
                 break
-            f = joined
+            names = [n["name"] for n in name_prototypes(f.prototypes, kshape, cc.name_cos)]
+            found = blends(f.prototypes, np.array([not n.startswith("unnamed") for n in names]), cc.name_cos)
+            if not found:
+                break
+            dropped = [dict(share=round(float(f.share[c]), 4), blend_of=[names[i], names[j]], cos=cos)
+                       for c, (i, j, cos) in found.items()]
+            f = dissolve(f, list(found), x_fit, noise, **common)
+            f.dissolved += dropped
+        else:
+            logger.info("clusters still changing after %d settle rounds; keeping the last", SETTLE_ROUNDS)
         return f
 
     merge, table, fits = select_merge(x_fit, noise, n_init=cc.n_init_clusters, grid=grid, seeds=seeds,
@@ -127,6 +142,7 @@ def fit_kmeans_mode(x_fit: np.ndarray, noise: np.ndarray, cc, kshape: tuple[int,
     best = next(r for r in table if r["merge_cos"] == merge)
     selection = dict(merge_cos=merge, chosen_by="seed stability" if len(grid) > 1 else "config", grid=table,
                      merged_same_name=cc.merge_same_name, refined=cc.refine,
+                     dissolved=fits[cc.seed].dissolved,
                      seed_stability=dict(seeds=list(seeds), ari_mean=best["stability_mean"], ari_min=best["stability_min"]))
     return fits[cc.seed], selection
 

@@ -207,6 +207,10 @@ class ClusterConfig(_Strict):
     # Then settle into nearest-prototype clusters (spherical k-means from the merged prototypes):
     # every kernel in the cluster whose prototype it matches best. Makes 5x5 partitions seed-stable.
     refine: bool = True
+    # While refining, dissolve unnamed clusters whose prototype is a non-negative blend of two named
+    # prototypes (cosine >= name_cos): borders between identified clusters, cut differently by each
+    # seed. They are listed in summary.json (selection.dissolved).
+    dissolve_blends: bool = True
     max_fit_kernels: int = Field(200_000, ge=100, description="subsample size for fitting the clusters")
     grid: int = Field(64, ge=2)
     paper_merge_cos: float = Field(0.95, ge=-1.0, le=1.0)

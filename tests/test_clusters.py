@@ -6,6 +6,7 @@ from dwk.clusters import (
     KMeansMergeClusterer,
     PaperClusterer,
     PrototypeClusterer,
+    blends,
     fit_clusters,
     noise_kernels,
     null_tau,
@@ -79,6 +80,17 @@ def test_refine_settles_into_nearest_prototype_clusters():
     np.testing.assert_allclose(prototypes_of(x, pred, 14), fitted.prototypes, atol=1e-12)
     assert adjusted_rand_score(lab, pred) > adjusted_rand_score(lab, rough.clusterer.predict(x))
     assert adjusted_rand_score(lab, pred) >= 0.95
+
+
+def test_blends_of_two_named_prototypes_are_found_and_noise_is_not():
+    named = np.stack([pattern(c.family, (5, 5), sigma=0.8, ratio=2.0, angle=c.angle, sign=c.sign).ravel()
+                      for c in STANDARD_CLASSES[:4]])
+    border = normalize_block((0.6 * named[1] + 0.4 * named[3])[None], "l2")[0]  # between classes 1 and 3
+    noise = normalize_block(np.random.default_rng(0).standard_normal((2, 25)), "l2")
+    protos = np.vstack([named, border, noise])
+    found = blends(protos, np.array([True] * 4 + [False] * 3), min_cos=0.8)
+    assert list(found) == [4] and found[4][:2] == (1, 3) and found[4][2] > 0.99
+    assert blends(protos, np.array([True] * 4 + [False] * 3), min_cos=1.01) == {}
 
 
 def test_select_merge_prefers_the_stable_threshold():
