@@ -19,10 +19,10 @@ from dwk import autoencoder as ae
 from dwk.clusters import (
     FittedClusters,
     PaperClusterer,
-    fit_clusters,
-    merge_same_name,
     blends,
     dissolve,
+    fit_clusters,
+    merge_same_name,
     noise_kernels,
     refine,
     select_merge,
@@ -117,6 +117,7 @@ def fit_kmeans_mode(x_fit: np.ndarray, noise: np.ndarray, cc, kshape: tuple[int,
         f = by_name(f)
         if not cc.refine:
             return f
+        gone: list[dict] = []
         for _ in range(SETTLE_ROUNDS):
             f = refine(f, x_fit, noise, **common)
             joined = by_name(f)
@@ -129,12 +130,12 @@ def fit_kmeans_mode(x_fit: np.ndarray, noise: np.ndarray, cc, kshape: tuple[int,
             found = blends(f.prototypes, np.array([not n.startswith("unnamed") for n in names]), cc.name_cos)
             if not found:
                 break
-            dropped = [dict(share=round(float(f.share[c]), 4), blend_of=[names[i], names[j]], cos=cos)
-                       for c, (i, j, cos) in found.items()]
+            gone += [dict(share=round(float(f.share[c]), 4), blend_of=[names[i], names[j]], cos=cos)
+                     for c, (i, j, cos) in found.items()]
             f = dissolve(f, list(found), x_fit, noise, **common)
-            f.dissolved += dropped
         else:
             logger.info("clusters still changing after %d settle rounds; keeping the last", SETTLE_ROUNDS)
+        f.dissolved = gone
         return f
 
     merge, table, fits = select_merge(x_fit, noise, n_init=cc.n_init_clusters, grid=grid, seeds=seeds,

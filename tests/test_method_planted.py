@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from dwk.analysis import fit_kmeans_mode
-from dwk.clusters import noise_kernels
+from dwk.clusters import blends, noise_kernels
 from dwk.config import ClusterConfig
 from dwk.controls import kmeans_true_k_ari
 from dwk.dog import name_prototypes
@@ -34,6 +34,9 @@ def check(shape, seed, n=20000):
         noise_classified=(cos[~s] >= f.tau_null).mean(),
         stability=selection["seed_stability"]["ari_min"],
         n_clusters=f.clusterer.n_clusters_,
+        dissolved=selection["dissolved"],
+        # border clusters left after settling: none, or the settle loop stopped too early
+        borders_left=blends(f.prototypes, np.array([not n.startswith("unnamed") for n in names]), 0.8),
     )
 
 
@@ -49,3 +52,6 @@ def test_planted_standard_population(shape, seed):
     assert r["named_right"] >= 0.9, r
     assert r["noise_classified"] <= 0.03, r
     assert r["stability"] >= 0.9, r
+    assert r["borders_left"] == {}, r
+    if shape == (5, 5):  # both 5x5 populations have border clusters to dissolve (2 and 3 with seed 0)
+        assert r["dissolved"] and all(not b.startswith("unnamed") for d in r["dissolved"] for b in d["blend_of"]), r

@@ -67,7 +67,7 @@ def test_summary_and_contrast(first_run):
     assert sh["planted"]["planted-test_convnext"]["ari"] > 0.5
     assert 0 < sh["planted"]["planted-test_convnext"]["kmeans_ari_true_k"] <= 1  # its baseline, beside it
     assert -1 <= sh["paper"]["planted_ari"]["planted-test_convnext"] <= 1  # the paper mode, beside it
-    assert sh["selection"]["refined"] and all({"share", "blend_of", "cos"} <= set(d) for d in sh["selection"]["dissolved"])
+    assert sh["selection"]["refined"] and isinstance(sh["selection"]["dissolved"], list)
     layers = [l for l in on_disk["layers"] if l["checkpoint"] == "planted-test_convnext"]
     assert [l["layer"] for l in layers] == list(range(9))
     for l in layers:  # the per-layer classified-share curve agrees with the shares at tau and tau_null
