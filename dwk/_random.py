@@ -5,7 +5,7 @@ shared by all threads of a process: two seeded model constructions running toget
 from each other's stream and give different weights on each run. ``torch_seeded`` serialises the
 seeded block and restores the global RNG state afterwards. Serialising the seeded blocks is not
 enough: every other draw from the global RNG while one runs (an unseeded model construction, say)
-shifts its stream too, so dwk builds every model inside this block (``dwk.sources._create``).
+shifts its stream too, so dwk builds every model inside this block (``dwk.sources._torch.build_model``).
 """
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Analyse the checkpoints of a config that are already in the store (no extraction)."""
-    from dwk import pipeline, tracking
+    from dwk import pipeline, sources, tracking
     from dwk.store import KernelStore
     from flows.analyze import analyze_flow
 
@@ -109,7 +109,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             extracted.append(dict(id=rec.id, source=rec.source, status="stored", n_kernels=rec.n_kernels,
                                   shapes=rec.shapes, fingerprint=rec.fingerprint))
         else:
-            missing.append(dict(id=spec.id, source=spec.source, error="not extracted yet: run `dwk extract` first"))
+            missing.append(dict(id=spec.id, source=sources.kind_of(spec), error="not extracted yet: run `dwk extract` first"))
     if not extracted:
         print(f"none of the config's checkpoints is in {cfg.store}; run `dwk extract` first", file=sys.stderr)
         return 2
@@ -137,13 +137,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_sources(args: argparse.Namespace) -> int:
     """Preview what a timm pattern selects: the ``arch.tag`` checkpoints with their training data."""
-    from dwk import hub
+    from dwk import timm_registry
     from dwk.config import CheckpointPattern
+    from dwk.sources import hub
 
     pat = CheckpointPattern(pattern=args.patterns or ["*"], module=args.module or None, exclude=args.exclude or [],
                             max_checkpoints=10**6)
-    names = hub.expand(pat)
-    rows, summary = hub.describe(names)
+    names = timm_registry.expand(pat)
+    rows, summary = timm_registry.describe(names)
     if args.yaml:
         for n in names:
             print(f"  - id: {n}")
@@ -167,6 +168,43 @@ def cmd_sources(args: argparse.Namespace) -> int:
         else:
             print(f"{'cached':>9}  {name}: {res.path}")
     return 1 if failed else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every checkpoint of a store (checksums of every chunk unless --quick).
+
+    Exit 0 when nothing is damaged, 1 when something is (also with --repair: the repaired checkpoints
+    are missing until the next extraction). --repair moves damaged checkpoints aside, so the next
+    ``dwk extract`` / ``dwk run`` extracts them again, and removes temporary folders of dead writers.
+    """
+    import time
+
+    from dwk.store import KernelStore
+
+    t0 = time.perf_counter()
+    store = KernelStore(args.store, create=False)
+    result = store.verify(full=not args.quick)
+    for damage in result.damaged.values():
+        for d in damage:
+            print(f"DAMAGED  {d}")
+    if args.repair:
+        for key in result.damaged:
+            aside = store.mark_incomplete(key)
+            print(f"REPAIRED {key}: moved aside to {aside.name}; the next `dwk extract` or `dwk run` extracts it again")
+        for name in store.cleanup():
+            print(f"REMOVED  {name}: left by a writer that is gone")
+    leftovers = store.verify(full=False).leftovers if args.repair else result.leftovers
+    for name in leftovers:
+        print(f"LEFTOVER {name}: not a checkpoint (ignored by readers)")
+    mode = "metadata and chunk files" if args.quick else "checksums"
+    line = (f"verify: {result.n_checkpoints} checkpoints, {result.n_arrays} arrays, {result.n_chunks} chunks "
+            f"({result.n_bytes / 1e6:.1f} MB) checked ({mode}) in {time.perf_counter() - t0:.1f}s: "
+            f"{len(result.damaged)} damaged")
+    if result.damaged:
+        line += (f", {len(result.damaged)} moved aside to be extracted again" if args.repair
+                 else "; run again with --repair to have them extracted again")
+    print(line)
+    return 1 if result.damaged else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--download", action="store_true", help="fetch the weights into the Hub cache (HF_HOME)")
     src.add_argument("--workers", type=int, default=2, help="parallel downloads with --download (default 2)")
     src.set_defaults(func=cmd_sources)
+    v = sub.add_parser("verify", help="check every checkpoint of a store; exit 1 on damage")
+    v.add_argument("--store", type=Path, required=True, help="Zarr kernel store to check, e.g. runs/store.zarr")
+    v.add_argument("--repair", action="store_true",
+                   help="move damaged checkpoints aside so the next extraction redoes them")
+    v.add_argument("--quick", action="store_true", help="check metadata and chunk files only, no checksums")
+    v.set_defaults(func=cmd_verify)
     return p
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 logger = logging.getLogger(__name__)
 
-Source = Literal["hub", "file", "local-dir", "weights", "onnx", "random", "planted"]
+PKG_SCHEME = "pkg://"  # a file inside an installed package (resolved by dwk.sources, not here)
 
 
 class _Strict(BaseModel):
@@ -44,24 +44,29 @@ class CheckpointSpec(_Strict):
     """Where one checkpoint's weights come from. Exactly one way to get weights:
 
     - ``id: convnextv2_atto.fcmae_ft_in1k`` (no ``arch``): timm pretrained weights from the Hub;
-    - ``arch`` + ``file``: a timm architecture with a local weights file (``.safetensors``,
-      ``.pth/.pt/.bin``; wrapped and original-layout checkpoints are remapped through timm);
+    - ``arch`` + ``file``: an architecture with a local weights file (``.safetensors``,
+      ``.pth/.pt/.bin``; wrapped and original-layout checkpoints are remapped through timm).
+      ``arch: torchvision:NAME`` is any ``torchvision.models`` builder;
     - ``file: FOLDER`` (``arch`` optional): a timm ``local-dir`` folder (``config.json`` + weights);
-    - ``file: X.safetensors`` without ``arch``: weights-only mode, depthwise kernels read from the
-      file by tensor shape, no model built;
+    - ``file: X.safetensors`` / ``X.pth`` without ``arch``: weights-only mode, depthwise kernels read
+      from the file by tensor shape, no model built;
+    - ``file: pkg://PACKAGE/PATH``: a file inside an installed Python package (either mode);
     - ``onnx: X.onnx``: the depthwise Conv nodes of an ONNX graph;
     - ``arch`` + ``pretrained: false``: random initialisation with ``seed`` (the null control);
+    - ``arch: torchvision:NAME`` alone: torchvision's published weights;
     - ``arch`` + ``planted``: a planted-structure checkpoint that dwk writes itself (the demo);
     - ``planted: {shape, n, ...}`` without ``arch``: a bare planted population (no model).
 
-    A ``pattern:`` / ``module:`` entry is not a checkpoint: ``load_config`` expands it into one
-    entry per matching timm pretrained checkpoint (see ``CheckpointPattern``).
+    Which kind of source reads an entry is decided by ``dwk.sources.kind_of`` from these fields
+    alone; this module never looks at the filesystem. A ``pattern:`` / ``module:`` entry is not a
+    checkpoint: ``load_config`` expands it into one entry per matching timm pretrained checkpoint
+    (see ``CheckpointPattern``).
     """
 
     id: str = Field(min_length=1)
     arch: str | None = None
-    file: Path | None = None
-    onnx: Path | None = None
+    file: str | None = Field(None, description="a weights file or timm local-dir folder, or pkg://PACKAGE/PATH")
+    onnx: str | None = None
     pretrained: bool = True
     seed: int = 0
     planted: PlantedSpec | None = None
@@ -74,9 +79,19 @@ class CheckpointSpec(_Strict):
         if isinstance(data, dict) and CheckpointPattern.is_pattern(data):
             raise ValueError(
                 f"{data.get('pattern') or data.get('module')!r} is a pattern entry: load_config expands it into "
-                "concrete checkpoints (or call dwk.hub.expand_checkpoints on the list first)"
+                "concrete checkpoints (or call dwk.config.expand_checkpoints on the list first)"
             )
         return data
+
+    @field_validator("file", "onnx", mode="before")
+    @classmethod
+    def _path_text(cls, v: Any) -> Any:
+        # Kept as text, not Path: ``pkg://x/y`` would lose a slash as a Path.
+        if isinstance(v, PurePath):
+            return str(v)
+        if isinstance(v, str) and not v.startswith(PKG_SCHEME):
+            return str(Path(v).expanduser())
+        return v
 
     @field_validator("id")
     @classmethod
@@ -93,49 +108,18 @@ class CheckpointSpec(_Strict):
         if self.onnx is not None and (self.arch or not self.pretrained):
             raise ValueError(f"checkpoint {self.id!r}: an 'onnx' model carries its own graph and weights; "
                              "drop 'arch' / 'pretrained'")
-        model_free = (self.file is not None and not self.arch and (self._is_weights_file or self._is_folder)) or (
-            self.planted is not None and not self.arch and self.planted.shape is not None)
-        if (self.file is not None or self.planted is not None or not self.pretrained) and not self.arch \
-                and not model_free:
-            raise ValueError(
-                f"checkpoint {self.id!r}: 'file', 'planted' and 'pretrained: false' need 'arch' "
-                "(the timm architecture to build), e.g. arch: convnext_atto. Without 'arch', 'file' may name a "
-                ".safetensors file (weights-only mode) or a timm local-dir folder"
-            )
+        if self.planted is not None and not self.arch and self.planted.shape is None:
+            raise ValueError(f"checkpoint {self.id!r}: 'planted' needs 'arch' (the architecture whose depthwise "
+                             "convs are planted, e.g. arch: convnext_atto) or 'shape' (a bare population)")
+        if not self.pretrained and not self.arch and self.file is None and self.planted is None:
+            raise ValueError(f"checkpoint {self.id!r}: 'pretrained: false' needs 'arch' (the architecture to build "
+                             "with random weights), e.g. arch: convnext_atto or arch: torchvision:mobilenet_v2")
         return self
 
     @property
-    def _is_weights_file(self) -> bool:
-        return self.file is not None and self.file.suffix == ".safetensors"
-
-    @property
-    def _is_folder(self) -> bool:
-        # An existing path is what it is; a path not there yet is a folder when it has no suffix.
-        return self.file is not None and (self.file.is_dir() or (not self.file.exists() and not self.file.suffix))
-
-    @property
-    def source(self) -> Source:
-        if self.planted is not None:
-            return "planted"
-        if self.onnx is not None:
-            return "onnx"
-        if self.file is not None:
-            if self._is_folder:
-                return "local-dir"
-            return "file" if self.arch else "weights"
-        if not self.pretrained:
-            return "random"
-        return "hub"
-
-    @property
     def model_name(self) -> str:
-        """The timm name to build: ``arch`` when given, else the id (``arch.tag`` for Hub weights)."""
+        """The name to build: ``arch`` when given, else the id (``arch.tag`` for Hub weights)."""
         return self.arch or self.id
-
-    @property
-    def is_control(self) -> bool:
-        """Random-init checkpoints are the null control: they never shape the clusters."""
-        return self.source == "random"
 
 
 class CheckpointPattern(_Strict):
@@ -143,7 +127,7 @@ class CheckpointPattern(_Strict):
 
     ``{pattern: "convnextv2_*.fcmae_ft_*"}``, ``{pattern: [convnext_tiny, convnext_small]}``
     (every tag of each), ``{module: convnext, exclude: ["*_384"]}``. ``load_config`` expands it via
-    timm's registry into ``{id: arch.tag}`` entries (``dwk.hub.expand_checkpoints``).
+    timm's registry into ``{id: arch.tag}`` entries (``expand_checkpoints``).
     """
 
     pattern: str | list[str] = "*"
@@ -302,6 +286,31 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def expand_checkpoints(entries: list[Any]) -> list[Any]:
+    """Replace the pattern entries of a raw ``checkpoints:`` list by concrete ``{id: arch.tag}`` entries.
+
+    Explicit entries win: a name already listed (or selected by an earlier pattern) is not repeated.
+    Patterns are looked up in timm's registry (:mod:`dwk.timm_registry`, which imports timm).
+    """
+    from dwk import timm_registry
+
+    explicit = {e.get("id") for e in entries if isinstance(e, dict) and not CheckpointPattern.is_pattern(e)}
+    out: list[Any] = []
+    seen = set(explicit)
+    for e in entries:
+        if not (isinstance(e, dict) and CheckpointPattern.is_pattern(e)):
+            out.append(e)
+            continue
+        pat = CheckpointPattern.model_validate(e)
+        names = timm_registry.expand(pat)
+        new = [n for n in names if n not in seen]
+        seen.update(new)
+        extra = {} if pat.reparameterize else {"reparameterize": False}
+        out.extend({"id": n, **extra} for n in new)
+        logger.info("pattern %s: %d pretrained checkpoints (%d new)", list(pat.patterns), len(names), len(new))
+    return out
+
+
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 
@@ -321,12 +330,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
         raise ValueError(f"config file {path} must hold a mapping at its top level, got {type(raw).__name__}")
     for ckpt in raw.get("checkpoints") or []:
         for key in ("file", "onnx"):
-            if isinstance(ckpt, dict) and ckpt.get(key) and not Path(ckpt[key]).expanduser().is_absolute():
-                ckpt[key] = str((path.parent / ckpt[key]).resolve())
+            value = ckpt.get(key) if isinstance(ckpt, dict) else None
+            if value and not str(value).startswith(PKG_SCHEME) and not Path(value).expanduser().is_absolute():
+                ckpt[key] = str((path.parent / value).resolve())
     ckpts = raw.get("checkpoints")
     if isinstance(ckpts, list) and any(isinstance(c, dict) and CheckpointPattern.is_pattern(c) for c in ckpts):
-        from dwk.hub import expand_checkpoints  # imports timm: only when a config has patterns
-
         raw["checkpoints"] = expand_checkpoints(ckpts)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig.model_validate(raw)

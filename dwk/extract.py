@@ -28,6 +28,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dwk.errors import NoDepthwiseError  # noqa: F401 - raised here; callers import it from either module
+
+
+
 logger = logging.getLogger(__name__)
 
 # Bump when the extracted content or its metadata changes: stores extracted by an older version
@@ -140,10 +144,6 @@ class Extracted:
     def n_kernels(self) -> int:
         """Depthwise kernels (the regular comparison set is not counted)."""
         return sum(len(v) for k, v in self.kernels.items() if not k.startswith(REGULAR_PREFIX))
-
-
-class NoDepthwiseError(ValueError):
-    """The model holds no depthwise convolution: nothing to analyse."""
 
 
 def assemble(items: Sequence[KernelLayer], labels: dict[str, np.ndarray] | None = None, *,

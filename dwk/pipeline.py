@@ -47,21 +47,22 @@ def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, 
     ``regular_max_per_layer`` also extracts a sample of each regular conv's kernels (the comparison
     set) from torch models. Returns ``{id, source, status: "extracted" | "skipped", n_kernels, shapes,
     fingerprint}``.
-    Raises ``sources.CheckpointError`` or ``extract.NoDepthwiseError`` with a message for the user.
+    Raises ``dwk.errors.CheckpointError`` or ``extract.NoDepthwiseError`` with a message for the user.
     """
     store = KernelStore(store_path)
-    fp = sources.fingerprint(spec, data_path)
-    if not spec.reparameterize and spec.source not in ("weights", "onnx"):
+    src = sources.source_for(spec, data_path)
+    fp = src.fingerprint()
+    if not spec.reparameterize and src.builds_model:
         fp += "+no-reparam"  # the same weights extracted another way
     if regular_max_per_layer:
         fp += f"+regular{regular_max_per_layer}"
     if store.is_complete(spec.id, fp, EXTRACTOR_VERSION):
         rec = store.checkpoint(spec.id)
         logger.info("%s: already extracted (%d kernels), skipping", spec.id, rec.n_kernels)
-        return dict(id=spec.id, source=spec.source, status="skipped", n_kernels=rec.n_kernels, shapes=rec.shapes,
+        return dict(id=spec.id, source=src.kind, status="skipped", n_kernels=rec.n_kernels, shapes=rec.shapes,
                     fingerprint=fp)
     t0 = time.perf_counter()
-    loaded = sources.load(spec, data_path)
+    loaded = src.load()
     if loaded.extracted is not None:
         extracted = loaded.extracted
     else:
@@ -77,12 +78,12 @@ def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, 
                  file=str(loaded.path) if loaded.path else None, reparameterized=extracted.reparameterized)
     extra.update({k: v for k, v in loaded.meta.items() if k not in reserved})
     rec = store.write_checkpoint(
-        spec.id, source=spec.source, fingerprint=fp, extractor_version=EXTRACTOR_VERSION, extracted=extracted,
+        spec.id, source=src.kind, fingerprint=fp, extractor_version=EXTRACTOR_VERSION, extracted=extracted,
         chunk_kernels=chunk_kernels, extra=extra,
     )
     logger.info("%s: extracted %d depthwise kernels %s from %d layers in %.1fs", spec.id, rec.n_kernels, rec.shapes,
                 len(rec.layers), time.perf_counter() - t0)
-    return dict(id=spec.id, source=spec.source, status="extracted", n_kernels=rec.n_kernels, shapes=rec.shapes,
+    return dict(id=spec.id, source=src.kind, status="extracted", n_kernels=rec.n_kernels, shapes=rec.shapes,
                 fingerprint=fp)
 
 
@@ -99,7 +100,7 @@ def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_i
     """Register a run over the checkpoints that extracted; returns the kernel shapes to analyse."""
     store = KernelStore(cfg.store, create=False)
     by_id = {c.id: c for c in cfg.checkpoints}
-    ckpts = [dict(id=e["id"], source=e["source"], control=by_id[e["id"]].is_control) for e in extracted]
+    ckpts = [dict(id=e["id"], source=e["source"], control=sources.is_control(by_id[e["id"]])) for e in extracted]
     found = {s for e in extracted for s in e["shapes"]}
     dw = sorted((s for s in found if not s.startswith(REGULAR_PREFIX)), key=group_shape)
     # The comparison set: regular kernels of the shapes that depthwise kernels have.
@@ -295,7 +296,7 @@ def run(cfg: RunConfig, *, track: bool = True) -> dict:
             extracted.append(extract_checkpoint(spec, cfg.store, dpath, cfg.chunk_kernels, regular_max_per_layer(cfg)))
         except sources.CheckpointError as e:
             logger.error("%s", e)
-            failures.append(dict(id=spec.id, source=spec.source, error=e.reason))
+            failures.append(dict(id=spec.id, source=sources.kind_of(spec), error=e.reason))
     if not extracted:
         raise RuntimeError("no checkpoint could be extracted: " + "; ".join(f"{f['id']}: {f['error']}" for f in failures))
     run_id = new_run_id(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dwk import pipeline
+from dwk import pipeline, sources
 from dwk.config import RunConfig
 from tasks import extract_checkpoint_task
 
@@ -26,7 +26,7 @@ def extract_flow(config: RunConfig) -> dict:
         if isinstance(result, BaseException):
             reason = getattr(result, "reason", None) or f"{type(result).__name__}: {result}"
             log.error("checkpoint %s failed: %s", spec.id, reason)
-            failed.append(dict(id=spec.id, source=spec.source, error=reason))
+            failed.append(dict(id=spec.id, source=sources.kind_of(spec), error=reason))
         else:
             extracted.append(result)
         log.info("extraction %d/%d done", len(extracted) + len(failed), len(config.checkpoints))

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dwk import pipeline
 from dwk.config import CheckpointSpec
-from dwk.sources import CheckpointError
+from dwk.errors import CheckpointError
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:

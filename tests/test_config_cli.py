@@ -8,31 +8,41 @@ from pydantic import ValidationError
 
 from dwk.cli import main
 from dwk.config import CheckpointSpec, RunConfig, load_config
+from dwk.sources import is_control, kind_of
 
 
 def test_embedded_default_is_the_planted_demo():
     cfg = load_config()
-    sources = [c.source for c in cfg.checkpoints]
+    sources = [kind_of(c) for c in cfg.checkpoints]
     assert sources.count("planted") >= 2 and sources.count("random") >= 2
-    populations = [c.planted for c in cfg.checkpoints if c.source == "planted" and not c.arch]
+    populations = [c.planted for c in cfg.checkpoints if kind_of(c) == "planted" and not c.arch]
     assert {p.shape for p in populations} == {(7, 7), (5, 5)} and all(p.n == 20000 for p in populations)
     archs = {c.arch for c in cfg.checkpoints if c.arch}
     assert "convnext_atto" in archs and any(a.startswith(("mobilenet", "efficientnet")) for a in archs)
 
 
 def test_sources_and_validation(tmp_path):
-    assert CheckpointSpec(id="convnextv2_atto.fcmae_ft_in1k").source == "hub"
-    assert CheckpointSpec(id="a", arch="convnext_atto", file="w.pth").source == "file"
-    assert CheckpointSpec(id="a", arch="convnext_atto", pretrained=False).is_control
-    with pytest.raises(ValidationError, match="need 'arch'"):
-        CheckpointSpec(id="a", file="w.pth")
+    assert kind_of(CheckpointSpec(id="convnextv2_atto.fcmae_ft_in1k")) == "hub"
+    assert kind_of(CheckpointSpec(id="a", arch="convnext_atto", file="w.pth")) == "file"
+    assert is_control(CheckpointSpec(id="a", arch="convnext_atto", pretrained=False))
+    # Which source reads an entry follows from its fields, never from the filesystem.
+    assert kind_of(CheckpointSpec(id="a", file="w.pth")) == "weights"
+    assert kind_of(CheckpointSpec(id="a", file="pkg://pkg/w.pth")) == "weights"
+    assert kind_of(CheckpointSpec(id="a", file="exports/model")) == "local-dir"
+    assert kind_of(CheckpointSpec(id="a", arch="torchvision:mobilenet_v2", file="w.pth")) == "torchvision"
+    assert kind_of(CheckpointSpec(id="a", arch="torchvision:mobilenet_v2", pretrained=False)) == "random"
+    assert CheckpointSpec(id="a", file="pkg://pkg/w.pth").file == "pkg://pkg/w.pth"
+    with pytest.raises(ValidationError, match="needs 'arch'"):
+        CheckpointSpec(id="a", pretrained=False)
+    with pytest.raises(ValidationError, match="needs 'arch'"):
+        CheckpointSpec(id="a", planted={"seed": 1})
     with pytest.raises(ValidationError, match="Extra inputs"):
         RunConfig.model_validate(dict(checkpoints=[dict(id="a")], autoencodr={}))
     with pytest.raises(ValidationError, match="repeated"):
         RunConfig.model_validate(dict(checkpoints=[dict(id="a"), dict(id="a")]))
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(dict(checkpoints=[dict(id="x", arch="convnext_atto", file="w/x.safetensors")])))
-    assert load_config(p).checkpoints[0].file == (tmp_path / "w/x.safetensors").resolve()
+    assert load_config(p).checkpoints[0].file == str((tmp_path / "w/x.safetensors").resolve())
 
 
 def test_flat_params_key_checkpoints_by_id():
@@ -45,9 +55,9 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "embedded demo" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
-    bad.write_text("checkpoints: [{id: a, file: x.pth}]\n")
+    bad.write_text("checkpoints: [{id: a, pretrained: false}]\n")
     assert main(["run", "--config", str(bad)]) == 2
-    assert "need 'arch'" in capsys.readouterr().err
+    assert "needs 'arch'" in capsys.readouterr().err
     assert main(["show", str(tmp_path)]) == 2
 
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dwk import pipeline
 from dwk.config import CheckpointSpec
-from dwk.sources import CheckpointError, fingerprint, load
+from dwk.sources import CheckpointError, fingerprint, kind_of, load
 
 C, H = 4, 12
 RNG = np.random.default_rng(0)
@@ -75,7 +75,7 @@ def test_onnx_weights_in_initializers_and_constant_nodes(tmp_path, where):
     path = tmp_path / f"{where}.onnx"
     onnx.save(_graph_model(where), str(path))
     spec = CheckpointSpec(id=f"onnx-{where}", onnx=path)
-    assert spec.source == "onnx"
+    assert kind_of(spec) == "onnx"
     loaded = load(spec, tmp_path)
     assert loaded.model is None
     _check_extracted(loaded.extracted)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from dwk.config import CheckpointSpec
 from dwk.extract import extract_model
-from dwk.sources import CheckpointError, fingerprint, load
+from dwk.sources import CheckpointError, fingerprint, is_control, kind_of, load
 
 
 def _weights(arch="test_convnext", seed=1):
@@ -103,13 +103,13 @@ def test_bare_planted_population(tmp_path):
     from dwk.store import KernelStore
 
     spec = CheckpointSpec(id="pop", planted={"shape": [5, 5], "n": 300, "noise_share": 0.2, "seed": 4})
-    assert spec.source == "planted" and not spec.is_control
+    assert kind_of(spec) == "planted" and not is_control(spec)
     rec = extract_checkpoint(spec, tmp_path / "s.zarr", tmp_path, 128)
     assert rec["status"] == "extracted" and rec["shapes"] == {"5x5": 300}
     labels = KernelStore(tmp_path / "s.zarr").kernel_index("pop", "5x5")["label"]
     assert ((labels == -1).mean() > 0.1) and set(np.unique(labels)) <= set(range(-1, 14))
     assert extract_checkpoint(spec, tmp_path / "s.zarr", tmp_path, 128)["status"] == "skipped"
-    with pytest.raises(ValueError, match="need 'arch'"):
+    with pytest.raises(ValueError, match="needs 'arch'"):
         CheckpointSpec(id="p", planted={"seed": 0})  # no shape: a model to plant into is needed
 
 

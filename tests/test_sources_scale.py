@@ -15,11 +15,12 @@ import zarr
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from dwk import hub, pipeline
+from dwk import pipeline, timm_registry
+from dwk.sources import hub
 from dwk.cli import main
 from dwk.config import CheckpointPattern, CheckpointSpec, load_config
 from dwk.extract import extract_model
-from dwk.sources import CheckpointError, fingerprint, load, sha256_file
+from dwk.sources import CheckpointError, fingerprint, is_control, kind_of, load, sha256_file
 from dwk.store import KernelStore, checkpoint_key
 
 
@@ -54,20 +55,20 @@ def _record(store, ckpt_id):
 # ----------------------------------------------------------------------------- patterns and metadata
 def test_pattern_expands_to_timm_pretrained_checkpoints():
     every = timm.list_models(pretrained=True)
-    names = hub.expand(CheckpointPattern(pattern="convnextv2_*.fcmae_ft_*"))
+    names = timm_registry.expand(CheckpointPattern(pattern="convnextv2_*.fcmae_ft_*"))
     assert names == sorted(fnmatch.filter(every, "convnextv2_*.fcmae_ft_*"), key=timm.models._registry._natural_key)
     assert len(names) >= 10 and all(n.startswith("convnextv2_") and ".fcmae_ft_" in n for n in names)
     # a filter without a tag selects every tag of the architecture
-    assert hub.expand(CheckpointPattern(pattern="convnext_atto")) == timm.list_models("convnext_atto.*", pretrained=True)
+    assert timm_registry.expand(CheckpointPattern(pattern="convnext_atto")) == timm.list_models("convnext_atto.*", pretrained=True)
     # a family by timm module, with exclusions
-    fam = hub.expand(CheckpointPattern(module="convnext", exclude=["*clip*"]))
+    fam = timm_registry.expand(CheckpointPattern(module="convnext", exclude=["*clip*"]))
     archs = set(timm.list_models(module="convnext"))
     assert "convnext_atto.d2_in1k" in fam and "convnextv2_atto.fcmae_ft_in1k" in fam
     assert all(n.split(".")[0] in archs and "clip" not in n for n in fam)
     with pytest.raises(ValueError, match="matches no pretrained timm checkpoint"):
-        hub.expand(CheckpointPattern(pattern="nothing_like_this_*"))
+        timm_registry.expand(CheckpointPattern(pattern="nothing_like_this_*"))
     with pytest.raises(ValueError, match="more than max_checkpoints=3"):
-        hub.expand(CheckpointPattern(pattern="convnext*", max_checkpoints=3))
+        timm_registry.expand(CheckpointPattern(pattern="convnext*", max_checkpoints=3))
 
 
 def test_load_config_expands_patterns_before_flows_see_them(tmp_path):
@@ -86,10 +87,10 @@ def test_load_config_expands_patterns_before_flows_see_them(tmp_path):
     assert set(expected) <= set(ids) and "convnextv2_huge.fcmae_ft_in1k" not in ids
     assert ids[0] == "convnextv2_atto.fcmae_ft_in1k" and ids[-2:] == ["null", "local"]
     assert all(isinstance(c, CheckpointSpec) for c in cfg.checkpoints)
-    assert {c.source for c in cfg.checkpoints[:-2]} == {"hub"}
+    assert {kind_of(c) for c in cfg.checkpoints[:-2]} == {"hub"}
     femto_extra = [c for c in cfg.checkpoints if c.id.startswith("convnextv2_femto.") and c.id not in expected]
     assert femto_extra and not any(c.reparameterize for c in femto_extra)
-    assert cfg.checkpoints[-1].file == (tmp_path / "w/x.safetensors").resolve()
+    assert cfg.checkpoints[-1].file == str((tmp_path / "w/x.safetensors").resolve())
     with pytest.raises(ValidationError, match="pattern entry"):
         CheckpointSpec.model_validate({"pattern": "convnext*"})
 
@@ -98,11 +99,11 @@ def test_paper_preset_expands_to_the_paper_families():
     from pathlib import Path
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "paper.yaml")
-    hubs = [c.id for c in cfg.checkpoints if c.source == "hub"]
+    hubs = [c.id for c in cfg.checkpoints if kind_of(c) == "hub"]
     assert set(hubs) <= set(timm.list_models(pretrained=True))
     for family in ("convnext_", "convnextv2_", "mobilenetv", "efficientnet"):
         assert any(h.startswith(family) or f"_{family}" in h for h in hubs), family
-    assert sum(c.is_control for c in cfg.checkpoints) >= 2
+    assert sum(is_control(c) for c in cfg.checkpoints) >= 2
 
 
 @pytest.mark.parametrize("tag, pre, ft, res", [
@@ -114,19 +115,19 @@ def test_paper_preset_expands_to_the_paper_families():
     ("fcmae", [], [], None),
 ])
 def test_tag_parsing(tag, pre, ft, res):
-    t = hub.parse_tag(tag)
+    t = timm_registry.parse_tag(tag)
     assert (t["pretrain_data"], t["finetune_data"], t["resolution"]) == (pre, ft, res)
 
 
 def test_checkpoint_info_from_the_pretrained_config():
-    info = hub.checkpoint_info("convnext_base.fb_in22k_ft_in1k_384")
+    info = timm_registry.checkpoint_info("convnext_base.fb_in22k_ft_in1k_384")
     assert info["architecture"] == "convnext_base" and info["tag"] == "fb_in22k_ft_in1k_384"
     assert info["data"] == "in22k>in1k" and info["resolution"] == 384 and info["license"] == "apache-2.0"
     assert info["num_classes"] == 1000 and info["hf_hub_id"] == "timm/convnext_base.fb_in22k_ft_in1k_384"
-    assert hub.checkpoint_info("convnextv2_atto.fcmae_ft_in1k")["resolution"] == 224  # from input_size
+    assert timm_registry.checkpoint_info("convnextv2_atto.fcmae_ft_in1k")["resolution"] == 224  # from input_size
     json.dumps(info)  # store-ready
     with pytest.raises(CheckpointError, match="no pretrained tag 'convnext_atto.nope'"):
-        hub.pretrained_cfg("convnext_atto.nope")
+        timm_registry.pretrained_cfg("convnext_atto.nope")
 
 
 def test_cli_sources_previews_a_pattern(capsys):
@@ -316,7 +317,7 @@ def test_timm_local_dir_folder(tmp_path):
     model = _model("test_efficientnet", seed=5)
     save_for_hf(model, str(tmp_path / "folder"), safe_serialization=True)
     spec = CheckpointSpec(id="folder", file=tmp_path / "folder")
-    assert spec.source == "local-dir"
+    assert kind_of(spec) == "local-dir"
     loaded = load(spec, tmp_path)
     _same_kernels(extract_model(loaded.model), model)
     fp = fingerprint(spec, tmp_path)
@@ -365,7 +366,7 @@ def test_weights_only_mode_reads_depthwise_tensors_without_a_model(tmp_path, mon
                "extra.single.weight": torch.randn(1, 1, 3, 3), "extra.ints": torch.ones(4, 1, 3, 3, dtype=torch.int32)})
     path = _save(sd, tmp_path / "w.safetensors")
     spec = CheckpointSpec(id="w", file=path)
-    assert spec.source == "weights"
+    assert kind_of(spec) == "weights"
     opened = []
     real = safetensors.safe_open
 

@@ -1,16 +1,6 @@
-"""timm's pretrained checkpoints: selection by pattern, their metadata, and downloads from the Hub.
+"""Hub source: timm pretrained weights ``arch.tag``, downloaded through the Hugging Face Hub cache.
 
-**Selection.** A config entry ``{pattern: "convnextv2_*.fcmae_ft_*"}`` (or ``{module: convnext}``
-for a whole timm module) expands, through timm's own registry (``timm.list_models(pretrained=True)``),
-into one ``{id: arch.tag}`` entry per matching pretrained checkpoint. Expansion happens in
-``load_config``, before any flow sees the config, so each concrete checkpoint is one mapped task.
-``dwk sources PATTERN`` previews it.
-
-**Metadata.** :func:`checkpoint_info` reads timm's pretrained config (license, input size, classes,
-where the weights come from) and parses the tag: ``fb_in22k_ft_in1k_384`` means pre-trained on
-ImageNet-22k, fine-tuned on ImageNet-1k, at 384 px. It goes into the store's per-checkpoint record.
-
-**Downloads** go through the Hugging Face Hub client and its cache (``HF_HOME`` / ``HF_HUB_CACHE``):
+Downloads go through the Hugging Face Hub client and its cache (``HF_HOME`` / ``HF_HUB_CACHE``):
 a file downloaded once is never fetched again, and an interrupted download resumes from its
 ``.incomplete`` blob on the next attempt. dwk adds
 
@@ -22,165 +12,34 @@ a file downloaded once is never fetched again, and an interrupted download resum
   ones (for ``DWK_HUB_UNREACHABLE_TTL`` seconds, default 300) try once: the Hub client itself
   already retries a failed request for about 30 s;
 - offline mode: with ``HF_HUB_OFFLINE=1`` only the cache is used; a checkpoint that is not cached
-  fails alone with a :class:`~dwk.sources.CheckpointError` that says how to fill the cache or use
+  fails alone with a :class:`~dwk.errors.CheckpointError` that says how to fill the cache or use
   a local file, and the others go on.
+
+Which checkpoints a pattern selects, and their metadata, is :mod:`dwk.timm_registry`.
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
-import re
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dwk.config import CheckpointPattern
-from dwk.sources import CheckpointError
+from dwk.errors import CheckpointError
+from dwk.sources._base import Loaded, Source, sha256_file, versions_hash
+from dwk.sources._torch import build_model, is_torchvision, load_weights_into, read_state_dict
+from dwk.timm_registry import checkpoint_info, pretrained_cfg
 
 logger = logging.getLogger(__name__)
 
-# Dataset names that appear in timm pretrained tags (anything else in a tag is a recipe or source name).
-DATASETS = frozenset({
-    "in1k", "in12k", "in21k", "in22k", "inw21k", "jft", "jft300m", "ig1b", "yfcc15m", "yfcc100m", "cc12m",
-    "laion2b", "laion400m", "laiona", "openai", "datacomp1b", "datacompxl", "dfn2b", "dfn5b", "webli", "lvd142m",
-    "lvd1689m", "merged2b", "m30m", "m38m", "sa1b", "sat493m",
-})
 # Weight files timm looks for in a Hub repo, in order (``timm.models._hub``): safetensors first.
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-# ----------------------------------------------------------------------------- selection
-def expand(pattern: CheckpointPattern) -> list[str]:
-    """The ``arch.tag`` names of timm's pretrained checkpoints that a pattern entry selects, sorted naturally.
-
-    A filter without a tag part (``convnext_atto``) matches every tag of that architecture, as in
-    ``timm.list_models``.
-    """
-    import timm
-
-    names = timm.list_models(filter=list(pattern.patterns), module=list(pattern.modules), pretrained=True,
-                             exclude_filters=list(pattern.exclude))
-    if not names:
-        where = f" in timm module(s) {list(pattern.modules)}" if pattern.modules else ""
-        raise ValueError(f"pattern {list(pattern.patterns)}{where} matches no pretrained timm checkpoint "
-                         f"(timm {timm.__version__}); try `dwk sources PATTERN` to preview")
-    if len(names) > pattern.max_checkpoints:
-        raise ValueError(f"pattern {list(pattern.patterns)} matches {len(names)} pretrained checkpoints, more than "
-                         f"max_checkpoints={pattern.max_checkpoints}: narrow it (or raise max_checkpoints)")
-    return names
-
-
-def expand_checkpoints(entries: list[Any]) -> list[Any]:
-    """Replace the pattern entries of a raw ``checkpoints:`` list by concrete ``{id: arch.tag}`` entries.
-
-    Explicit entries win: a name already listed (or selected by an earlier pattern) is not repeated.
-    """
-    explicit = {e.get("id") for e in entries if isinstance(e, dict) and not CheckpointPattern.is_pattern(e)}
-    out: list[Any] = []
-    seen = set(explicit)
-    for e in entries:
-        if not (isinstance(e, dict) and CheckpointPattern.is_pattern(e)):
-            out.append(e)
-            continue
-        pat = CheckpointPattern.model_validate(e)
-        names = expand(pat)
-        new = [n for n in names if n not in seen]
-        seen.update(new)
-        extra = {} if pat.reparameterize else {"reparameterize": False}
-        out.extend({"id": n, **extra} for n in new)
-        logger.info("pattern %s: %d pretrained checkpoints (%d new)", list(pat.patterns), len(names), len(new))
-    return out
-
-
-# ----------------------------------------------------------------------------- metadata
-def parse_tag(tag: str | None) -> dict[str, Any]:
-    """What a timm pretrained tag says about training data and resolution.
-
-    ``fb_in22k_ft_in1k_384`` -> pretrain ``[in22k]``, finetune ``[in1k]``, resolution 384, recipe
-    ``[fb]``. Datasets before ``ft`` are pre-training data, after it fine-tuning data; without
-    ``ft`` the first dataset is the training data and later ones fine-tuning stages. Self-supervised
-    recipes (``fcmae``, ``mae``, ``clip``) name no dataset: their pre-training data stays unknown.
-    """
-    toks = (tag or "").split("_") if tag else []
-    resolution = None
-    if toks and toks[-1].isdigit():
-        resolution = int(toks.pop())
-    for t in toks:
-        if resolution is None and re.fullmatch(r"r\d{3,4}", t):
-            resolution = int(t[1:])
-    if "ft" in toks:
-        i = toks.index("ft")
-        pre, post = toks[:i], toks[i + 1:]
-        pretrain = [t for t in pre if t in DATASETS]
-        finetune = [t for t in post if t in DATASETS]
-    else:
-        data = [t for t in toks if t in DATASETS]
-        pretrain, finetune = data[:1], data[1:]
-    recipe = [t for t in toks if t not in DATASETS and t != "ft" and not re.fullmatch(r"[re]\d+", t)]
-    return dict(pretrain_data=pretrain, finetune_data=finetune, data=">".join(pretrain + finetune) or None,
-                resolution=resolution, recipe=recipe)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    return v
-
-
-def pretrained_cfg(name: str, ckpt_id: str | None = None):
-    """timm's PretrainedCfg of ``arch.tag``; a CheckpointError when timm has no such model or tag."""
-    import timm
-    from timm.models import get_pretrained_cfg
-
-    ckpt_id = ckpt_id or name
-    arch = name.split(".", 1)[0]
-    if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch[:8]}*")[:5]
-        raise CheckpointError(ckpt_id, f"timm has no model {arch!r}" + (f"; similar names: {close}" if close else ""))
-    try:
-        cfg = get_pretrained_cfg(name)
-    except RuntimeError:
-        tags = [n.split(".", 1)[1] for n in timm.list_models(arch, pretrained=True)]
-        raise CheckpointError(ckpt_id, f"timm has no pretrained tag {name!r}; tags of {arch}: {tags[:12]}") from None
-    if cfg is None:
-        raise CheckpointError(ckpt_id, f"timm has no pretrained weights for {name!r}")
-    return cfg
-
-
-def checkpoint_info(name: str, cfg=None) -> dict[str, Any]:
-    """Per-checkpoint metadata from timm's pretrained config and the tag (JSON-ready)."""
-    cfg = cfg if cfg is not None else pretrained_cfg(name)
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    tag = d.get("tag") or (name.split(".", 1)[1] if "." in name else None)
-    info = dict(name=name, architecture=d.get("architecture") or name.split(".", 1)[0], tag=tag, **parse_tag(tag))
-    if info["resolution"] is None and d.get("input_size"):
-        info["resolution"] = int(d["input_size"][-1])
-    for k in ("license", "num_classes", "input_size", "test_input_size", "crop_pct", "hf_hub_id", "url",
-              "origin_url", "paper_ids", "paper_name"):
-        if d.get(k) is not None:
-            info[k] = _jsonable(d[k])
-    return info
-
-
-def describe(names: list[str]) -> tuple[list[dict], dict[str, Any]]:
-    """Rows of :func:`checkpoint_info` for a list of names, and counts by architecture and training data."""
-    rows = [checkpoint_info(n) for n in names]
-    summary = dict(
-        n_checkpoints=len(rows), n_architectures=len({r["architecture"] for r in rows}),
-        data=dict(Counter(r["data"] or "unknown" for r in rows).most_common()),
-        licenses=dict(Counter(r.get("license") or "unknown" for r in rows).most_common()),
-    )
-    return rows, summary
-
-
-# ----------------------------------------------------------------------------- downloads
 @dataclass(frozen=True)
 class HubFile:
     """A weights file in the local Hub cache."""
@@ -377,3 +236,49 @@ def prefetch(names: list[str], max_workers: int = 2) -> dict[str, HubFile | Chec
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         return dict(zip(names, pool.map(one, names)))
+
+
+class HubSource(Source):
+    """``id: arch.tag`` (no ``arch``, ``file`` or ``onnx``): timm pretrained weights from the Hub cache."""
+
+    kind = "hub"
+
+    @staticmethod
+    def claims(spec) -> bool:
+        return spec.pretrained and spec.file is None and spec.onnx is None and spec.planted is None \
+            and not is_torchvision(spec.arch)
+
+    def fingerprint(self) -> str:
+        # The name identifies the weights before they are downloaded; the file's sha256 is recorded
+        # beside it once it is there.
+        return versions_hash("hub", self.spec.model_name)
+
+    def load(self) -> Loaded:
+        spec = self.spec
+        name = spec.model_name
+        cfg = pretrained_cfg(name, spec.id)
+        if cfg.hf_hub_id and not cfg.custom_load:
+            f = download(name, spec.id, cfg=cfg)
+            meta: dict[str, Any] = {}
+            sd = read_state_dict(f.path, spec.id, meta)
+            model = load_weights_into(build_model(name, spec.id, pretrained=False), sd, spec.id,
+                                      f"{f.repo_id}/{f.filename}", meta)
+            meta.update(sha256=sha256_file(f.path), hub=f.to_dict(), timm=checkpoint_info(name, cfg))
+            return Loaded(model, None, f.path, meta=meta)
+        # No Hub copy (URL-only or custom formats): timm's own loader, torch.hub cache, weights_only=True.
+        try:
+            model = build_model(name, spec.id, pretrained=True)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the download stack raises many types for one cause
+            text = f"{type(e).__name__}: {e}"
+            if any(s in text for s in ("ConnectionError", "ConnectError", "offline", "resolve", "Max retries",
+                                       "HTTPSConnection", "Network", "URLError")):
+                raise CheckpointError(
+                    spec.id,
+                    "pretrained weights could not be downloaded: the Hub is unreachable from here "
+                    f"({text[:200]}). Download the weights where it is reachable and use a local file: "
+                    f"{_local_file_hint(spec.id)}",
+                ) from e
+            raise
+        return Loaded(model, meta=dict(timm=checkpoint_info(name, cfg)))

@@ -1,4 +1,4 @@
-"""Depthwise kernels from an ONNX model (config entry ``onnx: PATH``), without running it.
+"""ONNX source: depthwise kernels from an ONNX model (config entry ``onnx: PATH``), without running it.
 
 A depthwise conv in ONNX is a ``Conv`` node with ``group > 1`` whose weight has shape
 (C, 1, kh, kw): every group sees one input channel, so ``group`` is the number of input channels
@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dwk.extract import Extracted, KernelLayer, NoDepthwiseError, assemble
+from dwk.errors import CheckpointError, NoDepthwiseError
+from dwk.extract import Extracted, KernelLayer, assemble
+from dwk.sources._base import Loaded, Source, existing_file, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +99,6 @@ def external_files(model, base: Path) -> list[Path]:
 
 def content_hash(path: Path) -> str:
     """sha256 over the model file and the external data files it names (in sorted order)."""
-    from dwk.sources import sha256_file
-
     model = load_graph(path)
     h = hashlib.sha256(sha256_file(path).encode())
     for f in external_files(model, path.parent):
@@ -213,3 +213,30 @@ def extract_onnx(path: Path) -> Extracted:
                                "group > 1 and a (C, 1, kh, kw) weight in an initializer or Constant node)")
     logger.info("%s: %d depthwise Conv nodes", path.name, len(items))
     return assemble(items)
+
+
+class OnnxSource(Source):
+    kind = "onnx"
+    builds_model = False
+
+    @staticmethod
+    def claims(spec) -> bool:
+        return spec.onnx is not None
+
+    def _path(self) -> Path:
+        return existing_file(self.spec.onnx, self.spec.id, "ONNX file")
+
+    def fingerprint(self) -> str:
+        try:
+            return content_hash(self._path())
+        except OnnxSourceError as e:
+            raise CheckpointError(self.spec.id, str(e)) from e
+
+    def load(self) -> Loaded:
+        path = self._path()
+        try:
+            extracted = extract_onnx(path)
+            digest = content_hash(path)
+        except (OnnxSourceError, NoDepthwiseError) as e:
+            raise CheckpointError(self.spec.id, str(e)) from e
+        return Loaded(None, None, path, extracted=extracted, meta=dict(format="onnx", sha256=digest))

@@ -1,0 +1,57 @@
+"""dwk's own error types (a leaf module: it imports nothing from dwk).
+
+Only these become user errors in the CLI (a message, no traceback unless ``-v``); anything else is a
+bug or an environment failure and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class DwkError(Exception):
+    """Base of every error dwk raises on purpose, with a message that says what to do."""
+
+
+class ConfigError(DwkError, ValueError):
+    """A run config that cannot be used as written."""
+
+
+class CheckpointError(DwkError, RuntimeError):
+    """A checkpoint cannot be loaded for a reason retrying will not fix (bad input, not a transient fault).
+
+    The flows record it with the checkpoint's id and go on with the other checkpoints.
+    """
+
+    def __init__(self, ckpt_id: str, reason: str):
+        super().__init__(f"checkpoint {ckpt_id!r}: {reason}")
+        self.ckpt_id = ckpt_id
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across Dask workers and Prefect result storage
+        return type(self), (self.ckpt_id, self.reason)
+
+
+class NoDepthwiseError(DwkError, ValueError):
+    """The model or file holds no depthwise convolution: nothing to analyse."""
+
+
+class StoreError(DwkError, RuntimeError):
+    """The kernel store is damaged or was written by an incompatible dwk (names what and where)."""
+
+
+class StoreSchemaError(StoreError, ValueError):
+    """A store written with another schema version (a ``ValueError`` too, as before it had a class)."""
+
+
+class StoreDamageError(StoreError):
+    """Stored data differs from what was written: a missing array, a missing, truncated or altered chunk.
+
+    ``array`` and ``chunk`` (index along the kernel axis) are None when the damage is not about one.
+    """
+
+    def __init__(self, ckpt_id: str, array: str | None, chunk: int | None, problem: str, hint: str = ""):
+        where = f"checkpoint {ckpt_id!r}" + (f", array {array}" if array else "") + (
+            f", chunk {chunk}" if chunk is not None else "")
+        super().__init__(f"{where}: {problem}" + (f". {hint}" if hint else ""))
+        self.ckpt_id, self.array, self.chunk, self.problem, self.hint = ckpt_id, array, chunk, problem, hint
+
+    def __reduce__(self):  # picklable across Dask workers
+        return type(self), (self.ckpt_id, self.array, self.chunk, self.problem, self.hint)
