@@ -207,43 +207,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if result.damaged else 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    """Check every checkpoint of a store (checksums of every chunk unless --quick).
-
-    Exit 0 when nothing is damaged, 1 when something is (also with --repair: the repaired checkpoints
-    are missing until the next extraction). --repair moves damaged checkpoints aside, so the next
-    ``dwk extract`` / ``dwk run`` extracts them again, and removes temporary folders of dead writers.
-    """
-    import time
-
-    from dwk.store import KernelStore
-
-    t0 = time.perf_counter()
-    store = KernelStore(args.store, create=False)
-    result = store.verify(full=not args.quick)
-    for damage in result.damaged.values():
-        for d in damage:
-            print(f"DAMAGED  {d}")
-    if args.repair:
-        for key in result.damaged:
-            aside = store.mark_incomplete(key)
-            print(f"REPAIRED {key}: moved aside to {aside.name}; the next `dwk extract` or `dwk run` extracts it again")
-        for name in store.cleanup():
-            print(f"REMOVED  {name}: left by a writer that is gone")
-    leftovers = store.verify(full=False).leftovers if args.repair else result.leftovers
-    for name in leftovers:
-        print(f"LEFTOVER {name}: not a checkpoint (ignored by readers)")
-    mode = "metadata and chunk files" if args.quick else "checksums"
-    line = (f"verify: {result.n_checkpoints} checkpoints, {result.n_arrays} arrays, {result.n_chunks} chunks "
-            f"({result.n_bytes / 1e6:.1f} MB) checked ({mode}) in {time.perf_counter() - t0:.1f}s: "
-            f"{len(result.damaged)} damaged")
-    if result.damaged:
-        line += (f", {len(result.damaged)} moved aside to be extracted again" if args.repair
-                 else "; run again with --repair to have them extracted again")
-    print(line)
-    return 1 if result.damaged else 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dwk", description="Identifiable clusters in trained depthwise kernels, at scale.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -285,12 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--download", action="store_true", help="fetch the weights into the Hub cache (HF_HOME)")
     src.add_argument("--workers", type=int, default=2, help="parallel downloads with --download (default 2)")
     src.set_defaults(func=cmd_sources)
-    v = sub.add_parser("verify", help="check every checkpoint of a store; exit 1 on damage")
-    v.add_argument("--store", type=Path, required=True, help="Zarr kernel store to check, e.g. runs/store.zarr")
-    v.add_argument("--repair", action="store_true",
-                   help="move damaged checkpoints aside so the next extraction redoes them")
-    v.add_argument("--quick", action="store_true", help="check metadata and chunk files only, no checksums")
-    v.set_defaults(func=cmd_verify)
     v = sub.add_parser("verify", help="check every checkpoint of a store; exit 1 on damage")
     v.add_argument("--store", type=Path, required=True, help="Zarr kernel store to check, e.g. runs/store.zarr")
     v.add_argument("--repair", action="store_true",
