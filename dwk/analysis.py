@@ -31,7 +31,7 @@ from dwk.clusters import (
 from dwk.config import RunConfig
 from dwk.controls import kmeans_baseline, kmeans_true_k_ari, master_key_fit, planted_recovery
 from dwk.dog import fit_reference, name_prototypes
-from dwk.extract import REGULAR_PREFIX, group_shape
+from dwk.extract import REGULAR_PREFIX, group_shape, stored_group
 from dwk.planted import STANDARD_CLASSES
 from dwk.store import STATUS_DEAD, STATUS_OK, KernelStore
 
@@ -57,7 +57,7 @@ def kernel_table(store: KernelStore, run_id: str, shape: str) -> dict[str, np.nd
         if c["id"] not in offsets:
             continue
         a, b = offsets[c["id"]]
-        idx = store.kernel_index(c["id"], shape)
+        idx = store.kernel_index(c["id"], stored_group(shape))
         out["ckpt"][a:b] = i
         out["layer"][a:b] = idx["layer"]
         out["channel"][a:b] = idx["channel"]
@@ -331,17 +331,24 @@ def checkpoint_tables(store: KernelStore, run_id: str, shapes: dict[str, dict]) 
         # The classified share over tau, pooled over shapes (each kernel against its cluster's prototype).
         cos_ok = np.where(d["ok"], d["cosine"], -np.inf)
         rows.append(dict(
-            id=c["id"], source=c["source"], control=c["control"], n_kernels=int(len(d)), n_dead=int(d["dead"].sum()),
+            id=c["id"], source=c["source"], control=c["control"], role=c.get("role"), n_kernels=int(len(d)), n_dead=int(d["dead"].sum()),
             n_rejected=int((~d["ok"]).sum()), classified_share=round(int(d["classified"].sum()) / n_ok, 4),
             classified_share_tau=round(int(d["classified_tau"].sum()) / n_ok, 4), top_clusters=top,
             shapes=sorted(d["shape"].unique().tolist()),
             tau_curve=(tau_curve(cos_ok[d["ok"].to_numpy()], TAU_GRID).round(4).tolist()),
         ))
-        info = (store.checkpoint(c["id"]).extra or {}).get("timm") or {}
+        extra = store.checkpoint(c["id"]).extra or {}
+        info = extra.get("timm") or {}
         rows[-1].update({k: info[k] for k in ("architecture", "tag", "data", "resolution", "license") if info.get(k)})
+        tv = extra.get("torchvision") or {}
+        if tv.get("weights"):  # torchvision's published weights: their name and ImageNet top-1
+            rows[-1].update(architecture=tv["builder"], data=tv["weights"], top1=tv.get("acc@1"))
         if len(reg):  # the comparison set, analysed the same way
             rows[-1].update(n_regular=int(len(reg)),
                             regular_classified_share=round(int(reg["classified"].sum()) / max(int(reg["ok"].sum()), 1), 4))
+    # Real checkpoints lead, then their random-init controls, then the method's planted checks.
+    order = {"subject": 0, "control": 1, "method-check": 2}
+    rows.sort(key=lambda r: order.get(r["role"], 0))
     layer_rows = []
     for (ckpt, layer, shape), d in df.groupby(["checkpoint", "layer", "shape"], observed=True, sort=True):
         n_ok = max(int(d["ok"].sum()), 1)

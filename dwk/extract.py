@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 # 3: the regular-convolution comparison set ("regular-<shape>" groups, Layer.kind).
 EXTRACTOR_VERSION = 3
 REGULAR_PREFIX = "regular-"
+# A run's analysis group of planted checkpoints, kept apart from real ones of the same shape (see
+# dwk.pipeline.analysis_groups); it reads the checkpoints' ``<shape>`` arrays.
+PLANTED_PREFIX = "planted-"
 
 # Modules that pass their input through unchanged (at inference): skipped when looking for what
 # follows a depthwise conv.
@@ -119,9 +122,14 @@ def shape_key(kh: int, kw: int) -> str:
 
 
 def group_shape(group: str) -> tuple[int, int]:
-    """The kernel shape of a group name: ``7x7`` and ``regular-7x7`` -> (7, 7)."""
-    kh, kw = group.removeprefix(REGULAR_PREFIX).split("x")
+    """The kernel shape of a group name: ``7x7``, ``regular-7x7`` and ``planted-7x7`` -> (7, 7)."""
+    kh, kw = stored_group(group).removeprefix(REGULAR_PREFIX).split("x")
     return int(kh), int(kw)
+
+
+def stored_group(group: str) -> str:
+    """The checkpoint arrays an analysis group reads: ``planted-7x7`` -> ``7x7``; others as they are."""
+    return group.removeprefix(PLANTED_PREFIX)
 
 
 @dataclass

@@ -89,12 +89,14 @@ def normalize_shape(
     """
     import dask.array as da
 
+    from dwk.extract import stored_group
+
     parts, layers, offsets, start = [], [], {}, 0
     for cid in ckpt_ids:
-        arr = store.kernels(cid, shape)
+        arr = store.kernels(cid, stored_group(shape))
         n, kh, kw = arr.shape
         parts.append(da.from_zarr(arr).reshape(n, kh * kw))
-        layers.append(store.kernel_index(cid, shape)["layer"])
+        layers.append(store.kernel_index(cid, stored_group(shape))["layer"])
         offsets[cid] = [start, start + n]
         start += n
     if not parts:

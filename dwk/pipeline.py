@@ -18,6 +18,7 @@ from dwk import sources
 from dwk.config import CheckpointSpec, DaskConfig, RunConfig
 from dwk.extract import (
     EXTRACTOR_VERSION,
+    PLANTED_PREFIX,
     REGULAR_PREFIX,
     extract_model,
     extract_regular,
@@ -96,19 +97,51 @@ def new_run_id(cfg: RunConfig) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint()[:6]}"
 
 
+def role_of(source: str, control: bool) -> str:
+    """``subject`` (a real checkpoint), ``control`` (random init) or ``method-check`` (planted, known labels)."""
+    if control:
+        return "control"
+    return "method-check" if source == "planted" else "subject"
+
+
+def analysis_groups(ckpts: list[dict], shapes_of: dict[str, dict], regular: bool) -> dict[str, list[str]]:
+    """The run's analysis groups: group name -> checkpoint ids, in config order.
+
+    One group per kernel shape. Planted checkpoints (the method's checks) get a group of their own,
+    ``planted-<shape>``, when real checkpoints have kernels of the same shape: planted classes must
+    never shape the clusters that real kernels are classified against, nor the other way round.
+    Random-init controls join the group of the checkpoints they control (the real ones when there
+    are any). ``regular-<shape>`` groups hold the comparison set of regular convs, for the shapes
+    that depthwise kernels have.
+    """
+    found = {s for sh in shapes_of.values() for s in sh}
+    dw = sorted((s for s in found if not s.startswith(REGULAR_PREFIX)), key=group_shape)
+    groups: dict[str, list[str]] = {}
+    for shape in dw + ([REGULAR_PREFIX + s for s in dw if REGULAR_PREFIX + s in found] if regular else []):
+        have = [c for c in ckpts if shape in shapes_of[c["id"]]]
+        subjects = [c["id"] for c in have if c["role"] == "subject"]
+        planted = [c["id"] for c in have if c["role"] == "method-check"]
+        if subjects and planted:
+            groups[shape] = [c["id"] for c in have if c["role"] != "method-check"]
+            if not shape.startswith(REGULAR_PREFIX):  # planted models' regular convs are not planted
+                groups[PLANTED_PREFIX + shape] = planted
+        else:
+            groups[shape] = [c["id"] for c in have]
+    return groups
+
+
 def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_id: str | None) -> list[str]:
-    """Register a run over the checkpoints that extracted; returns the kernel shapes to analyse."""
+    """Register a run over the checkpoints that extracted; returns its analysis groups (see ``analysis_groups``)."""
     store = KernelStore(cfg.store, create=False)
     by_id = {c.id: c for c in cfg.checkpoints}
-    ckpts = [dict(id=e["id"], source=e["source"], control=sources.is_control(by_id[e["id"]])) for e in extracted]
-    found = {s for e in extracted for s in e["shapes"]}
-    dw = sorted((s for s in found if not s.startswith(REGULAR_PREFIX)), key=group_shape)
-    # The comparison set: regular kernels of the shapes that depthwise kernels have.
-    regular = [REGULAR_PREFIX + s for s in dw if REGULAR_PREFIX + s in found] if cfg.controls.regular else []
-    shapes = dw + regular
-    store.create_run(run_id, dict(config=cfg.model_dump(mode="json"), checkpoints=ckpts, shapes=shapes,
-                                  mlflow_run_id=mlflow_run_id, offsets={}))
-    return shapes
+    ckpts = []
+    for e in extracted:
+        control = sources.is_control(by_id[e["id"]])
+        ckpts.append(dict(id=e["id"], source=e["source"], control=control, role=role_of(e["source"], control)))
+    groups = analysis_groups(ckpts, {e["id"]: e["shapes"] for e in extracted}, cfg.controls.regular)
+    store.create_run(run_id, dict(config=cfg.model_dump(mode="json"), checkpoints=ckpts, shapes=list(groups),
+                                  groups=groups, mlflow_run_id=mlflow_run_id, offsets={}))
+    return list(groups)
 
 
 @contextlib.contextmanager
@@ -137,9 +170,7 @@ def normalize_run(cfg: RunConfig, run_id: str, client=None) -> dict[str, dict]:
     store = KernelStore(cfg.store, create=False)
     meta = store.run_meta(run_id)
     out = {}
-    shapes_of = {c["id"]: store.checkpoint(c["id"]).shapes for c in meta["checkpoints"]}  # read once
-    for shape in meta["shapes"]:
-        ids = [cid for cid, shapes in shapes_of.items() if shape in shapes]
+    for shape, ids in meta["groups"].items():
         res = normalize_shape(store, run_id, shape, ids, cfg.normalize, chunk_kernels=cfg.normalize.chunk_kernels,
                               client=client)
         out[shape] = dict(n_kernels=res.n_kernels, n_nonfinite=res.n_nonfinite, n_dead=res.n_dead,

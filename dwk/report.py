@@ -14,31 +14,41 @@ from dwk.extract import group_shape  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+ROLE_LABELS = {"subject": "trained", "control": "control (random init)", "method-check": "method check (planted)"}
+
+
 def checkpoint_table_text(rows: list[dict]) -> str:
-    """The per-checkpoint table as fixed-width text for the terminal."""
-    head = ["checkpoint", "source", "kernels", "dead", "classified@tau_null", "classified@tau", "top clusters"]
+    """The per-checkpoint table as fixed-width text for the terminal.
+
+    The ``role`` column tells real (trained) checkpoints from their random-init controls and from
+    the planted checks of the method, whose labels are known.
+    """
+    head = ["checkpoint", "role", "source", "kernels", "dead", "classified@tau_null", "classified@tau",
+            "top clusters"]
     regular = any("regular_classified_share" in r for r in rows)
     if regular:  # the comparison set: regular convs of the same shapes
-        head.insert(6, "regular convs@tau_null")
-    trained = any(r.get("data") for r in rows)  # timm's pretrained-weight metadata, where known
+        head.insert(7, "regular convs@tau_null")
+    trained = any(r.get("data") for r in rows)  # the weights' training data and accuracy, where known
     if trained:
-        head.insert(2, "trained on")
+        head.insert(3, "trained on")
     body = []
     for r in rows:
+        role = ROLE_LABELS.get(r.get("role"), "-") if not r.get("error") else "-"
         if r.get("error"):
-            body.append([r["id"], r["source"], "-", "-", "FAILED", "-", r["error"][:100]])
+            body.append([r["id"], role, r["source"], "-", "-", "FAILED", "-", r["error"][:100]])
             if regular:
-                body[-1].insert(6, "-")
+                body[-1].insert(7, "-")
         else:
-            body.append([r["id"], r["source"] + (" (control)" if r.get("control") else ""), str(r["n_kernels"]),
-                         str(r["n_dead"]), f"{r['classified_share']:.1%}", f"{r['classified_share_tau']:.1%}",
+            body.append([r["id"], role, r["source"], str(r["n_kernels"]), str(r["n_dead"]),
+                         f"{r['classified_share']:.1%}", f"{r['classified_share_tau']:.1%}",
                          ", ".join(r["top_clusters"])])
             if regular:
                 reg = r.get("regular_classified_share")
-                body[-1].insert(6, "-" if reg is None else f"{reg:.1%} of {r['n_regular']}")
+                body[-1].insert(7, "-" if reg is None else f"{reg:.1%} of {r['n_regular']}")
         if trained:
-            body[-1].insert(2, ", ".join(x for x in (r.get("data"), r.get("resolution") and f"{r['resolution']}px") if x)
-                            or "-")
+            what = (r.get("data"), r.get("resolution") and f"{r['resolution']}px",
+                    r.get("top1") and f"top-1 {r['top1']:.1f}%")
+            body[-1].insert(3, ", ".join(x for x in what if x) or "-")
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]

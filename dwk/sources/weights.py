@@ -121,10 +121,9 @@ class WeightsOnlySource(Source):
         try:
             if path.suffix == ".safetensors":
                 extracted = extract_safetensors(path)
-                meta["format"] = "safetensors (weights-only)"
+                meta["format"] = "safetensors"
             else:
                 extracted = extract_pickle(path, spec.id, meta)
-                meta["format"] += " (weights-only)"
         except NoDepthwiseError as e:
             raise CheckpointError(spec.id, str(e)) from e
         except CheckpointError:
@@ -134,7 +133,7 @@ class WeightsOnlySource(Source):
                 spec.id, f"cannot read {path.name} as a {path.suffix} checkpoint ({type(e).__name__}: "
                 f"{str(e)[:300]}); the file is truncated, corrupt or not a checkpoint"
             ) from e
-        meta["sha256"] = sha256_file(path)
+        meta.update(mode="weights-only", sha256=sha256_file(path))
         if pkg := package_meta(spec.file):
             meta["package"] = pkg
         return Loaded(None, None, path, extracted=extracted, meta=meta)
