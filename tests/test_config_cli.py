@@ -11,14 +11,19 @@ from dwk.config import CheckpointSpec, RunConfig, load_config
 from dwk.sources import is_control, kind_of
 
 
-def test_embedded_default_is_the_planted_demo():
+def test_embedded_default_leads_with_real_kernels_and_keeps_the_method_checks():
     cfg = load_config()
-    sources = [kind_of(c) for c in cfg.checkpoints]
-    assert sources.count("planted") >= 2 and sources.count("random") >= 2
+    kinds = [kind_of(c) for c in cfg.checkpoints]
+    # Real trained checkpoints first: files inside the registry's weight packages.
+    real = [c for c, k in zip(cfg.checkpoints, kinds) if k not in ("planted", "random")]
+    assert [kinds[i] for i in range(len(real))] == ["weights", "torchvision"]
+    assert all(c.file.startswith("pkg://") for c in real)
+    # A random-init control of each real architecture.
+    controls = {c.arch for c in cfg.checkpoints if is_control(c)}
+    assert controls == {"efficientnet_lite0", "torchvision:mobilenet_v2"}
+    # One planted population per kernel shape the run sees, the standard population of METHOD 2.7.
     populations = [c.planted for c in cfg.checkpoints if kind_of(c) == "planted" and not c.arch]
-    assert {p.shape for p in populations} == {(7, 7), (5, 5)} and all(p.n == 20000 for p in populations)
-    archs = {c.arch for c in cfg.checkpoints if c.arch}
-    assert "convnext_atto" in archs and any(a.startswith(("mobilenet", "efficientnet")) for a in archs)
+    assert {p.shape for p in populations} == {(7, 7), (5, 5), (3, 3)} and all(p.n == 20000 for p in populations)
 
 
 def test_sources_and_validation(tmp_path):
@@ -47,7 +52,8 @@ def test_sources_and_validation(tmp_path):
 
 def test_flat_params_key_checkpoints_by_id():
     params = load_config().flat_params()
-    assert params["checkpoints.planted-convnext_atto.planted.seed"] == 0
+    assert params["checkpoints.planted-population-7x7.planted.seed"] == 2
+    assert params["checkpoints.mobilenet_v2.in1k.arch"] == "torchvision:mobilenet_v2"
     assert params["autoencoder.latent_dim"] == 1 and params["cluster.tau"] == 0.7
 
 
