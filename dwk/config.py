@@ -76,6 +76,8 @@ class CheckpointSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _not_a_pattern(cls, data: Any) -> Any:
+        if isinstance(data, dict) and CheckpointFiles.is_files(data):
+            raise ValueError(f"{data['files']!r} is a files entry: load_config expands it into one checkpoint per file")
         if isinstance(data, dict) and CheckpointPattern.is_pattern(data):
             raise ValueError(
                 f"{data.get('pattern') or data.get('module')!r} is a pattern entry: load_config expands it into "
@@ -149,6 +151,58 @@ class CheckpointPattern(_Strict):
         if self.module is None:
             return ()
         return (self.module,) if isinstance(self.module, str) else tuple(self.module)
+
+
+class CheckpointFiles(_Strict):
+    """A config entry for a folder of weight files: one checkpoint per file matching a glob.
+
+    ``{files: "ckpts/**/*.pth"}`` (weights-only mode) or ``{files: "ckpts/*.pth", arch: convnext_tiny}``
+    (each file loaded into the architecture). A relative glob is taken from the config file's folder.
+    Each file's id is ``id_prefix`` + its path below the glob's fixed part, without the suffix, with
+    ``/`` written as ``.`` (``ckpts/run1/epoch_90.pth`` -> ``run1.epoch_90``). Files are taken in
+    natural order (``epoch_9`` before ``epoch_10``).
+    """
+
+    files: str
+    arch: str | None = None
+    id_prefix: str = ""
+    reparameterize: bool = True
+    max_checkpoints: int = Field(1000, ge=1, description="refuse an expansion larger than this (a too-broad glob)")
+
+    @staticmethod
+    def is_files(entry: dict) -> bool:
+        return "id" not in entry and "files" in entry
+
+    def expand(self) -> list[dict[str, Any]]:
+        """The concrete ``{id, file[, arch]}`` entries (reads the filesystem: called by ``load_config``)."""
+        import glob
+        import re
+
+        pattern = str(Path(self.files).expanduser())
+        paths = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+        if not paths:
+            raise ValueError(f"files: {self.files!r} matches no file")
+        if len(paths) > self.max_checkpoints:
+            raise ValueError(f"files: {self.files!r} matches {len(paths)} files, more than max_checkpoints="
+                             f"{self.max_checkpoints}: narrow it (or raise max_checkpoints)")
+        parts = Path(pattern).parts
+        n_fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+        fixed = Path(*parts[:n_fixed]) if n_fixed else Path(".")
+
+        def natural(p: Path) -> list:
+            return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+
+        out = []
+        for path in sorted(paths, key=natural):
+            rel = path.relative_to(fixed) if path.is_relative_to(fixed) else Path(path.name)
+            ident = self.id_prefix + ".".join(rel.with_suffix("").parts)
+            entry: dict[str, Any] = {"id": ident, "file": str(path.resolve())}
+            if self.arch:
+                entry["arch"] = self.arch
+            if not self.reparameterize:
+                entry["reparameterize"] = False
+            out.append(entry)
+        return out
 
 
 class NormalizeConfig(_Strict):
@@ -287,21 +341,28 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def expand_checkpoints(entries: list[Any]) -> list[Any]:
-    """Replace the pattern entries of a raw ``checkpoints:`` list by concrete ``{id: arch.tag}`` entries.
+    """Replace the pattern and ``files:`` entries of a raw ``checkpoints:`` list by concrete entries.
 
     Explicit entries win: a name already listed (or selected by an earlier pattern) is not repeated.
-    Patterns are looked up in timm's registry (:mod:`dwk.timm_registry`, which imports timm).
+    Patterns are looked up in timm's registry (:mod:`dwk.timm_registry`, which imports timm), only
+    when the list has one.
     """
-    from dwk import timm_registry
 
-    explicit = {e.get("id") for e in entries if isinstance(e, dict) and not CheckpointPattern.is_pattern(e)}
+    explicit = {e.get("id") for e in entries if isinstance(e, dict) and "id" in e}
     out: list[Any] = []
     seen = set(explicit)
     for e in entries:
+        if isinstance(e, dict) and CheckpointFiles.is_files(e):
+            files = CheckpointFiles.model_validate(e).expand()
+            out.extend(f for f in files if f["id"] not in seen)
+            seen.update(f["id"] for f in files)
+            continue
         if not (isinstance(e, dict) and CheckpointPattern.is_pattern(e)):
             out.append(e)
             continue
         pat = CheckpointPattern.model_validate(e)
+        from dwk import timm_registry
+
         names = timm_registry.expand(pat)
         new = [n for n in names if n not in seen]
         seen.update(new)
@@ -333,8 +394,13 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
             value = ckpt.get(key) if isinstance(ckpt, dict) else None
             if value and not str(value).startswith(PKG_SCHEME) and not Path(value).expanduser().is_absolute():
                 ckpt[key] = str((path.parent / value).resolve())
+    for ckpt in raw.get("checkpoints") or []:  # a relative glob is taken from the config's folder
+        if isinstance(ckpt, dict) and CheckpointFiles.is_files(ckpt) and ckpt.get("files") \
+                and not Path(ckpt["files"]).expanduser().is_absolute():
+            ckpt["files"] = str(path.parent.resolve() / ckpt["files"])
     ckpts = raw.get("checkpoints")
-    if isinstance(ckpts, list) and any(isinstance(c, dict) and CheckpointPattern.is_pattern(c) for c in ckpts):
+    if isinstance(ckpts, list) and any(isinstance(c, dict) and (CheckpointPattern.is_pattern(c) or
+                                                                CheckpointFiles.is_files(c)) for c in ckpts):
         raw["checkpoints"] = expand_checkpoints(ckpts)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig.model_validate(raw)

@@ -128,3 +128,22 @@ def test_planted_checks_are_analysed_apart_from_real_kernels():
     # Without real checkpoints nothing is split: planted checkpoints and their controls as before.
     only = [c for c in ckpts if c["id"] != "real"]
     assert analysis_groups(only, shapes, regular=False) == {"3x3": ["null", "pop3"], "7x7": ["pop7"]}
+
+
+def test_a_folder_of_pth_files_is_one_checkpoint_per_file(tmp_path):
+    torch.manual_seed(0)
+    sd = timm.create_model("test_convnext", pretrained=False).state_dict()
+    for name in ("run1/epoch_10.pth", "run1/epoch_9.pth", "run2/epoch_1.pth"):
+        (tmp_path / "ckpts" / name).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(sd, tmp_path / "ckpts" / name)
+    (tmp_path / "ckpts" / "notes.txt").write_text("not weights")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("checkpoints:\n  - {files: 'ckpts/**/*.pth'}\n"
+                        "  - {files: 'ckpts/run2/*.pth', arch: test_convnext, id_prefix: arch-}\n")
+    cfg = load_config(cfg_path)
+    assert [c.id for c in cfg.checkpoints] == ["run1.epoch_9", "run1.epoch_10", "run2.epoch_1", "arch-epoch_1"]
+    assert [kind_of(c) for c in cfg.checkpoints] == ["weights"] * 3 + ["file"]
+    assert cfg.checkpoints[0].file == str(tmp_path / "ckpts/run1/epoch_9.pth")
+    cfg_path.write_text("checkpoints: [{files: 'nothing/*.pth'}]\n")
+    with pytest.raises(ValueError, match="matches no file"):
+        load_config(cfg_path)
