@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dwk import autoencoder as ae
 from dwk.clusters import (
+    MIN_PER_CLUSTER,
     FittedClusters,
     PaperClusterer,
     blends,
@@ -24,6 +26,7 @@ from dwk.clusters import (
     fit_clusters,
     merge_same_name,
     noise_kernels,
+    null_tau,
     refine,
     select_merge,
     tau_curve,
@@ -148,6 +151,43 @@ def fit_kmeans_mode(x_fit: np.ndarray, noise: np.ndarray, cc, kshape: tuple[int,
     return fits[cc.seed], selection
 
 
+@dataclass
+class CrossFit:
+    """Two clusterings, each fitted on one half of the fit kernels: the out-of-sample classifier.
+
+    A kernel of fold k is measured against the clusters of fold 1 - k, which were fitted without it;
+    any other kernel (a control, a noise kernel) against the fold it is drawn into. ``tau_null`` is
+    calibrated on isotropic noise measured the same way.
+    """
+
+    fold: np.ndarray  # (n_fit,) fold of each fit kernel
+    fits: tuple[FittedClusters, FittedClusters]
+    tau_null: float
+    null_cos: np.ndarray
+
+    def cosines(self, x: np.ndarray, fold: np.ndarray) -> np.ndarray:
+        """Cosine of each kernel to the prototype of its nearest cluster in the other fold's fit
+        (-inf when that cluster is minor)."""
+        out = np.empty(len(x), np.float64)
+        for k in (0, 1):
+            m = fold == k
+            if m.any():
+                out[m] = self.fits[1 - k].assign(x[m])[1]
+        return out
+
+
+def crossfit(x_fit: np.ndarray, noise: np.ndarray, cc, kshape: tuple[int, int], merge_cos: float) -> CrossFit:
+    """Fit the default clustering on each half of ``x_fit`` at the chosen ``merge_cos`` (one seed)."""
+    rng = np.random.default_rng(cc.seed + 7919)
+    fold = rng.permutation(len(x_fit)) % 2
+    one = cc.model_copy(update=dict(merge_cos=merge_cos, seeds=1))
+    fits = tuple(fit_kmeans_mode(x_fit[fold == k], noise, one, kshape)[0] for k in (0, 1))
+    cf = CrossFit(fold, fits, 0.0, np.empty(0))
+    cf.null_cos = cf.cosines(noise, rng.permutation(len(noise)) % 2)
+    cf.tau_null = null_tau(cf.null_cos, cc.alpha)
+    return cf
+
+
 def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, model_path: Path) -> dict:
     """Cut clusters, name them, classify every kernel of the shape group, run the controls.
 
@@ -180,6 +220,13 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
     labels = np.full(len(x), -1, np.int32)
     cos = np.full(len(x), np.nan, np.float32)
     labels[ok], cos[ok] = primary.assign(x[ok])
+    tau_null, null_cos, cf = primary.tau_null, primary.null_cos, None
+    if selection is not None and cc.crossfit and fit.sum() >= 4 * MIN_PER_CLUSTER:
+        cf = crossfit(x_fit, noise, cc, kshape, selection["merge_cos"])
+        fold = np.random.default_rng(cc.seed + 104729).integers(0, 2, len(x))  # controls: a random fold
+        fold[fit] = cf.fold
+        cos[ok] = cf.cosines(x[ok], fold[ok])
+        tau_null, null_cos = cf.tau_null, cf.null_cos
     codes = np.full((len(x), model.latent_dim), np.nan, np.float32)
     codes[ok] = ae.encode(model, x[ok].astype(np.float32))
     chunk = cfg.chunk_kernels
@@ -191,7 +238,6 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
 
     names = name_prototypes(primary.prototypes, kshape, cc.name_cos)
     fit_cos, fit_lab = cos[fit], labels[fit]
-    tau_null = primary.tau_null
     clusters = []
     for i in np.argsort(-primary.share):
         c = dict(id=int(i), name=names[i]["name"], size=int((fit_lab == i).sum()), share=round(float(primary.share[i]), 4),
@@ -212,10 +258,13 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
         classified_share=float((fit_cos >= tau_null).mean()) if fit.any() else 0.0,
         classified_share_tau=float((fit_cos >= cc.tau).mean()) if fit.any() else 0.0,
         tau_curve=dict(tau=TAU_GRID.tolist(), fit=tau_curve(fit_cos, TAU_GRID).round(4).tolist(),
-                       null=tau_curve(primary.null_cos, TAU_GRID).round(4).tolist()),
+                       null=tau_curve(null_cos, TAU_GRID).round(4).tolist()),
         clusters=clusters,
-        controls=dict(noise=dict(n=int(len(noise)), classified_share_tau_null=round(float((primary.null_cos >= tau_null).mean()), 4),
-                                 classified_share_tau=round(float((primary.null_cos >= cc.tau).mean()), 4))),
+        controls=dict(noise=dict(n=int(len(noise)), classified_share_tau_null=round(float((null_cos >= tau_null).mean()), 4),
+                                 classified_share_tau=round(float((null_cos >= cc.tau).mean()), 4))),
+        classification=dict(out_of_sample=cf is not None, folds=2 if cf is not None else None,
+                            tau_null_in_sample=round(primary.tau_null, 4),
+                            fold_clusters=[int(f.clusterer.n_clusters_) for f in cf.fits] if cf is not None else None),
     )
     if selection is not None:
         summary["selection"] = selection
