@@ -3,16 +3,31 @@
 ``dwk run`` runs the pipeline flow (Prefect server when ``PREFECT_API_URL`` is set, Prefect's
 ephemeral mode otherwise) and prints the per-checkpoint table and where the results are.
 ``dwk extract`` and ``dwk analyze`` run the two stages alone; ``dwk show`` prints a finished run.
+
+Exit status, the same rule in every command: 0 when everything succeeded; 1 when a checkpoint
+failed (0 with ``--allow-partial`` when at least one succeeded), or a store is damaged (``verify``);
+2 for a user error (dwk's own errors: a bad config, a missing file, an unusable tracking store;
+``-v`` adds the traceback); 130 on Ctrl-C and 143 on SIGTERM. Any other exception is a bug or an
+environment failure and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import fcntl
 import logging
 import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
-logger = logging.getLogger("dwk.cli")
+from dwk.errors import ConfigError, DwkError, Interrupted, MissingInputError
+
+logger = logging.getLogger(__name__)
+
+STOP_GRACE_S = float(os.environ.get("DWK_STOP_GRACE_S", "30"))  # after SIGTERM, exit hard after this long
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -26,10 +41,147 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _validation_message(where: str, err) -> str:
+    """A pydantic ValidationError as one line per field path: ``checkpoints[2].arch: message``."""
+    lines = []
+    for e in err.errors(include_url=False):
+        path = ""
+        for part in e["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {path or '(top level)'}: {msg}")
+    return f"{where} is not valid ({len(lines)} problem{'s' if len(lines) != 1 else ''}):\n" + "\n".join(lines)
+
+
 def _config(args: argparse.Namespace):
+    from pydantic import ValidationError
+
     from dwk.config import load_config
 
-    return load_config(args.config, store=args.store, out=args.out)
+    where = f"config {args.config}" if args.config else "the embedded config"
+    try:
+        return load_config(args.config, store=args.store, out=args.out)
+    except DwkError:
+        raise
+    except ValidationError as e:
+        raise ConfigError(_validation_message(where, e)) from e
+    except FileNotFoundError as e:
+        raise MissingInputError(str(e)) from e
+    except ValueError as e:  # load_config's own checks (top-level mapping, patterns that match nothing)
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _open_store(path: Path):
+    from dwk.store import KernelStore
+
+    try:
+        return KernelStore(path, create=False)
+    except FileNotFoundError as e:
+        raise MissingInputError(str(e)) from e
+
+
+def _outcome(n_ok: int, failed: list[dict], done: str, allow_partial: bool) -> int:
+    """The last lines of a command over checkpoints, and its exit status (see the module's doc)."""
+    if not failed:
+        return 0
+    total = n_ok + len(failed)
+    print(f"\n{len(failed)} of {total} checkpoint(s) failed: {', '.join(f['id'] for f in failed)}; "
+          f"the other {n_ok} were {done}.")
+    if allow_partial:
+        print("exit status 0 (--allow-partial). Fix the failed ones and re-run: stored checkpoints are skipped.")
+        return 0
+    print("exit status 1 (--allow-partial accepts a partial result). Fix the failed ones and re-run: "
+          "stored checkpoints are skipped.")
+    return 1
+
+
+# ----------------------------------------------------------------------------- Prefect's ephemeral server
+_prefect_slot_lock = None  # the open lock file of this process's ephemeral-database slot
+
+
+def _isolate_prefect_database() -> str | None:
+    """Give this process an ephemeral Prefect database no other dwk process uses at the same time.
+
+    Without ``PREFECT_API_URL`` Prefect starts a temporary server on ``$PREFECT_HOME/prefect.db``;
+    several processes sharing it fail with "database is locked". Each process takes the first free
+    slot (a lock held for the process's life): slot 0 is Prefect's default database, slot i a
+    database of its own under ``$PREFECT_HOME/dwk-ephemeral/`` (migrated once, then reused). Must run
+    before prefect is imported; does nothing when a server or a database is configured. Returns the
+    database URL it chose (None: Prefect's choice).
+    """
+    global _prefect_slot_lock
+    if "prefect" in sys.modules or _prefect_slot_lock is not None:
+        return None
+    if any(os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                                       "PREFECT_API_DATABASE_CONNECTION_URL")):
+        return None
+    # The temporary server starts slowly when several start at once on few cores (default: 20 s).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The temporary server's telemetry heartbeat writes while it migrates: "database is locked" noise.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    slots = home / "dwk-ephemeral"
+    try:
+        slots.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        logger.warning("cannot create %s (%s): Prefect's default database is used", slots, e)
+        return None
+    for i in range(256):
+        f = open(slots / f"slot-{i}.lock", "a")  # noqa: SIM115 - held open for the process's life
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        _prefect_slot_lock = f
+        atexit.register(f.close)
+        if i == 0:
+            return None
+        url = f"sqlite+aiosqlite:///{slots / f'prefect-{i}.db'}"
+        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url
+        logger.info("another dwk process uses Prefect's temporary server: this one uses %s (for one shared "
+                    "server with the runs' history: `prefect server start` and set PREFECT_API_URL)", url)
+        return url
+    raise DwkError("256 dwk processes already run with temporary Prefect servers here: start one with "
+                   "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+# ----------------------------------------------------------------------------- signals
+def _on_stop_signal(signum: int, frame) -> None:
+    """SIGTERM: raise ``Interrupted`` in the main thread, so every stage unwinds (MLflow run KILLED).
+
+    A second SIGTERM, or a first that has not ended the process after ``DWK_STOP_GRACE_S``, exits at
+    once (open MLflow runs are marked KILLED first when that can be done in a few seconds).
+    """
+    if getattr(_on_stop_signal, "fired", False):
+        os._exit(128 + signum)
+    _on_stop_signal.fired = True
+
+    def hard_stop() -> None:
+        import time
+
+        time.sleep(STOP_GRACE_S)
+        logger.error("still running %.0fs after %s: exiting now", STOP_GRACE_S, signal.Signals(signum).name)
+        if "dwk.tracking" in sys.modules:
+            closer = threading.Thread(target=sys.modules["dwk.tracking"].end_open_runs,
+                                      args=("KILLED", f"{signal.Signals(signum).name}: hard stop"), daemon=True)
+            closer.start()
+            closer.join(5)
+        os._exit(128 + signum)
+
+    threading.Thread(target=hard_stop, name="dwk-hard-stop", daemon=True).start()
+    raise Interrupted(signum)
+
+
+def _signal_of(exc: BaseException) -> int | None:
+    """The signal behind an interrupt: ``Interrupted``, Prefect's ``TerminationSignal``, Ctrl-C."""
+    if isinstance(exc, Interrupted):
+        return exc.signum
+    if any(t.__name__ == "TerminationSignal" for t in type(exc).__mro__):
+        return int(getattr(exc, "signal", signal.SIGTERM))
+    if isinstance(exc, KeyboardInterrupt):
+        return int(signal.SIGINT)
+    return None
 
 
 def _print_result(summary: dict) -> None:
@@ -62,46 +214,48 @@ def _print_result(summary: dict) -> None:
         print(f"mlflow:   run {summary['mlflow_run_id']} in experiment '{summary['config']['experiment']}' "
               f"at {tracking.tracking_uri()}")
         print(f"          browse: {tracking.ui_hint()}")
-    if summary["failed"]:
-        print(f"\n{len(summary['failed'])} checkpoint(s) failed; the others were analysed. Fix them and re-run: "
-              "extracted checkpoints are skipped.")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    track = not args.no_track
+    if track:
+        from dwk import tracking
+
+        tracking.preflight()  # in seconds, before Prefect's server or any work starts
     if args.no_prefect:
         from dwk import pipeline
 
-        summary = pipeline.run(cfg, track=not args.no_track)
+        summary = pipeline.run(cfg, track=track)
     else:
+        _isolate_prefect_database()
         from flows.pipeline import pipeline_flow
 
-        summary = pipeline_flow(cfg, track=not args.no_track)
+        summary = pipeline_flow(cfg, track=track)
     _print_result(summary)
-    return 0
+    return _outcome(len(summary["checkpoints"]), summary["failed"], "analysed", args.allow_partial)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    _isolate_prefect_database()
     from flows.extract import bounded
 
-    cfg = _config(args)
     result = bounded(cfg)(cfg)
     for e in result["extracted"]:
         print(f"{e['status']:>9}  {e['id']}: {e['n_kernels']} kernels {e['shapes']}")
     for f in result["failed"]:
         print(f"{'FAILED':>9}  {f['id']}: {f['error']}")
     print(f"store: {cfg.store.resolve()}")
-    return 1 if result["failed"] else 0
+    return _outcome(len(result["extracted"]), result["failed"], "extracted", args.allow_partial)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Analyse the checkpoints of a config that are already in the store (no extraction)."""
     from dwk import pipeline, sources, tracking
-    from dwk.store import KernelStore
-    from flows.analyze import analyze_flow
 
     cfg = _config(args)
-    store = KernelStore(cfg.store, create=False)
+    store = _open_store(cfg.store)
     extracted, missing = [], []
     for spec in cfg.checkpoints:
         rec = store.checkpoint(spec.id)
@@ -113,24 +267,40 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not extracted:
         print(f"none of the config's checkpoints is in {cfg.store}; run `dwk extract` first", file=sys.stderr)
         return 2
+    if not args.no_track:
+        tracking.preflight()
+    _isolate_prefect_database()
+    from flows.analyze import analyze_flow
+
     run_id = pipeline.new_run_id(cfg)
     mlflow_run_id = None if args.no_track else tracking.start_run(cfg.experiment, run_id, cfg.flat_params(),
                                                                   {"dwk.run_id": run_id})
-    _print_result(analyze_flow(cfg, run_id, extracted, missing, mlflow_run_id))
-    return 0
+    with tracking.closed_on_error(mlflow_run_id):
+        summary = analyze_flow(cfg, run_id, extracted, missing, mlflow_run_id)
+    _print_result(summary)
+    return _outcome(len(summary["checkpoints"]), summary["failed"], "analysed", args.allow_partial)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from dwk.export import load_summary
 
-    _print_result(load_summary(args.run)[0])
+    try:
+        summary = load_summary(args.run)[0]
+    except FileNotFoundError as e:
+        raise MissingInputError(str(e)) from e
+    _print_result(summary)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dwk.export import export_run
 
-    path = export_run(args.run, args.output, args.format)
+    try:
+        path = export_run(args.run, args.output, args.format)
+    except FileNotFoundError as e:
+        if not Path(args.run).exists():
+            raise MissingInputError(str(e)) from e
+        raise
     print(f"wrote {path}")
     return 0
 
@@ -143,7 +313,10 @@ def cmd_sources(args: argparse.Namespace) -> int:
 
     pat = CheckpointPattern(pattern=args.patterns or ["*"], module=args.module or None, exclude=args.exclude or [],
                             max_checkpoints=10**6)
-    names = timm_registry.expand(pat)
+    try:
+        names = timm_registry.expand(pat)
+    except ValueError as e:  # a pattern that matches nothing, or too much
+        raise ConfigError(str(e)) from e
     rows, summary = timm_registry.describe(names)
     if args.yaml:
         for n in names:
@@ -160,14 +333,15 @@ def cmd_sources(args: argparse.Namespace) -> int:
               f"training data (pretrain>finetune): {data}")
     if not args.download:
         return 0
-    failed = 0
+    failed, n_ok = [], 0
     for name, res in hub.prefetch(names, max_workers=args.workers).items():
         if isinstance(res, Exception):
-            failed += 1
-            print(f"{'FAILED':>9}  {name}: {res.reason}", file=sys.stderr)
+            failed.append(dict(id=name, error=getattr(res, "reason", str(res))))
+            print(f"{'FAILED':>9}  {name}: {failed[-1]['error']}", file=sys.stderr)
         else:
+            n_ok += 1
             print(f"{'cached':>9}  {name}: {res.path}")
-    return 1 if failed else 0
+    return _outcome(n_ok, failed, "cached", args.allow_partial and n_ok > 0)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -179,10 +353,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """
     import time
 
-    from dwk.store import KernelStore
-
     t0 = time.perf_counter()
-    store = KernelStore(args.store, create=False)
+    store = _open_store(args.store)
     result = store.verify(full=not args.quick)
     for damage in result.damaged.values():
         for d in damage:
@@ -207,9 +379,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if result.damaged else 0
 
 
+PARTIAL_HELP = "exit 0 when some checkpoints failed and the others succeeded (default: exit 1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dwk", description="Identifiable clusters in trained depthwise kernels, at scale.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for user errors too")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, out=True):
@@ -224,13 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     r.add_argument("--no-prefect", action="store_true", help="run the stages in this process, without Prefect")
     r.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    r.add_argument("--allow-partial", action="store_true", help=PARTIAL_HELP)
     r.set_defaults(func=cmd_run)
     e = sub.add_parser("extract", help="extract the config's checkpoints into the store")
     common(e, out=False)
+    e.add_argument("--allow-partial", action="store_true", help=PARTIAL_HELP)
     e.set_defaults(func=cmd_extract)
     a = sub.add_parser("analyze", help="analyse the config's checkpoints already in the store")
     common(a)
     a.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    a.add_argument("--allow-partial", action="store_true", help=PARTIAL_HELP)
     a.set_defaults(func=cmd_analyze)
     s = sub.add_parser("show", help="print a finished run's table")
     s.add_argument("run", help="run folder (runs/<run_id>) or its summary.json")
@@ -247,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--yaml", action="store_true", help="print config entries instead of the table")
     src.add_argument("--download", action="store_true", help="fetch the weights into the Hub cache (HF_HOME)")
     src.add_argument("--workers", type=int, default=2, help="parallel downloads with --download (default 2)")
+    src.add_argument("--allow-partial", action="store_true", help=PARTIAL_HELP)
     src.set_defaults(func=cmd_sources)
     v = sub.add_parser("verify", help="check every checkpoint of a store; exit 1 on damage")
     v.add_argument("--store", type=Path, required=True, help="Zarr kernel store to check, e.g. runs/store.zarr")
@@ -260,11 +439,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_stop_signal) if in_main_thread else None
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # config and input errors: say what, not a traceback
+    except DwkError as e:  # dwk's own errors: what went wrong and what to do; the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
         print(f"dwk: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except BaseException as e:  # noqa: BLE001 - interrupts become exit statuses; the rest is re-raised
+        signum = _signal_of(e)
+        if signum is None:
+            raise  # a bug or an environment failure: its traceback
+        if args.verbose:
+            traceback.print_exc()
+        print(f"dwk: stopped by {signal.Signals(signum).name}; stored checkpoints are complete (a re-run "
+              "skips them), an interrupted MLflow run is marked KILLED", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            _on_stop_signal.fired = False
 
 
 if __name__ == "__main__":

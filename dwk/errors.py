@@ -7,11 +7,20 @@ from __future__ import annotations
 
 
 class DwkError(Exception):
-    """Base of every error dwk raises on purpose, with a message that says what to do."""
+    """Base of every error dwk raises on purpose, with a message that says what to do.
+
+    ``exit_code`` is the CLI's exit status for it: 2 (a user error) unless a subclass says otherwise.
+    """
+
+    exit_code = 2
 
 
 class ConfigError(DwkError, ValueError):
     """A run config that cannot be used as written."""
+
+
+class MissingInputError(DwkError, FileNotFoundError):
+    """A file or folder the user named does not exist (a config file, a store, a run folder)."""
 
 
 class CheckpointError(DwkError, RuntimeError):
@@ -55,3 +64,40 @@ class StoreDamageError(StoreError):
 
     def __reduce__(self):  # picklable across Dask workers
         return type(self), (self.ckpt_id, self.array, self.chunk, self.problem, self.hint)
+
+
+class CheckpointsFailedError(DwkError, RuntimeError):
+    """No checkpoint of a run could be extracted (or analysed): nothing to go on with.
+
+    Its exit status is 1, as for a partial failure: the checkpoints failed, not the command line.
+    """
+
+    exit_code = 1
+
+    def __init__(self, failed: list[dict], stage: str = "extracted"):
+        self.failed = failed
+        self.stage = stage
+        lines = "; ".join(f"{f['id']}: {f['error']}" for f in failed)
+        super().__init__(f"no checkpoint could be {stage} ({len(failed)} failed): {lines}")
+
+    def __reduce__(self):
+        return type(self), (self.failed, self.stage)
+
+
+class TrackingError(DwkError, RuntimeError):
+    """The MLflow tracking store cannot be used (unreachable server, unwritable database folder)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) asked dwk to stop: raised in the main thread by the CLI's signal handler.
+
+    A ``KeyboardInterrupt``, so no ``except Exception`` (dwk's, Prefect's, a library's) swallows it or
+    retries; ``signum`` gives the CLI its exit status, 128 + signum.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+    def __reduce__(self):
+        return type(self), (self.signum,)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from dwk import sources
 from dwk.config import CheckpointSpec, DaskConfig, RunConfig
+from dwk.errors import CheckpointsFailedError, NoDepthwiseError
 from dwk.extract import (
     EXTRACTOR_VERSION,
     PLANTED_PREFIX,
@@ -70,7 +72,7 @@ def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, 
         try:
             extracted = extract_model(loaded.model, labels=loaded.labels,
                                       reparameterize=spec.reparameterize and loaded.labels is None)
-        except ValueError as e:
+        except NoDepthwiseError as e:  # bad input; any other error is dwk's or the environment's: not wrapped
             raise sources.CheckpointError(spec.id, str(e)) from e
         if regular_max_per_layer:
             extracted = with_regular(extracted, extract_regular(loaded.model, regular_max_per_layer))
@@ -94,7 +96,8 @@ def regular_max_per_layer(cfg: RunConfig) -> int | None:
 
 # ----------------------------------------------------------------------------- run set-up
 def new_run_id(cfg: RunConfig) -> str:
-    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint()[:6]}"
+    """``<name>-<date>-<time>-<config fingerprint>-<4 random hex>``: unique even for two runs of one second."""
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint()[:6]}-{secrets.token_hex(2)}"
 
 
 def role_of(source: str, control: bool) -> str:
@@ -317,9 +320,16 @@ def finalize(
 
 # ----------------------------------------------------------------------------- all together
 def run(cfg: RunConfig, *, track: bool = True) -> dict:
-    """The whole pipeline in this process, without Prefect (the flows do the same, task by task)."""
+    """The whole pipeline in this process, without Prefect (the flows do the same, task by task).
+
+    A checkpoint that fails is recorded in ``failed`` and the others go on (as in the flows);
+    ``CheckpointsFailedError`` when none extracted. The MLflow run (``track``) ends FINISHED, or
+    FAILED / KILLED whatever stops the analysis (``tracking.closed_on_error``).
+    """
     from dwk import tracking
 
+    if track:
+        tracking.preflight()  # in seconds, before any work
     dpath = data_dir(cfg)
     extracted, failures = [], []
     for spec in cfg.checkpoints:
@@ -328,18 +338,17 @@ def run(cfg: RunConfig, *, track: bool = True) -> dict:
         except sources.CheckpointError as e:
             logger.error("%s", e)
             failures.append(dict(id=spec.id, source=sources.kind_of(spec), error=e.reason))
+        except Exception as e:  # noqa: BLE001 - not bad input: keep the traceback in the log, go on (as the flow)
+            logger.exception("%s: extraction failed", spec.id)
+            failures.append(dict(id=spec.id, source=sources.kind_of(spec), error=f"{type(e).__name__}: {e}"))
     if not extracted:
-        raise RuntimeError("no checkpoint could be extracted: " + "; ".join(f"{f['id']}: {f['error']}" for f in failures))
+        raise CheckpointsFailedError(failures)
     run_id = new_run_id(cfg)
     mlflow_run_id = tracking.start_run(cfg.experiment, run_id, cfg.flat_params(), {"dwk.run_id": run_id}) if track else None
-    try:
+    with tracking.closed_on_error(mlflow_run_id):
         shapes = prepare_run(cfg, run_id, extracted, mlflow_run_id)
         with dask_client(cfg.dask) as client:
             normalize_run(cfg, run_id, client)
         models = {s: train_shape(cfg, run_id, s, mlflow_run_id) for s in shapes}
         summaries = {s: cluster_shape(cfg, run_id, s, models[s]) for s in shapes}
         return finalize(cfg, run_id, summaries, models, failures, extracted, mlflow_run_id)
-    except BaseException:
-        if mlflow_run_id:
-            tracking.end_run(mlflow_run_id, "FAILED")
-        raise

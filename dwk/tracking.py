@@ -4,13 +4,24 @@ Everything is logged by explicit ``run_id`` through ``MlflowClient``, never thro
 thread-local "active run", so stages in other threads, processes or machines (a GPU worker) log
 into the same run. ``MLFLOW_TRACKING_URI`` picks the store; unset, a SQLite database in the
 current folder is used, with artifacts beside it in ``mlartifacts/``.
+
+Reliability: ``preflight`` checks the tracking store in seconds before any work; runs are tagged
+with host, pid (and its start time) so that ``start_run`` marks FAILED the runs of the experiment
+that a dead process on this host left RUNNING; ``closed_on_error`` ends a run FAILED (an exception)
+or KILLED (Ctrl-C, SIGTERM) whatever stops the code inside it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +30,17 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from dwk.errors import TrackingError
+
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (8000 chars in 3.x); longer values are cut
+PREFLIGHT_TIMEOUT_S = float(os.environ.get("DWK_MLFLOW_PREFLIGHT_TIMEOUT_S", "5"))
+TAG_HOST, TAG_PID, TAG_PID_START, TAG_FLOW_RUN, TAG_END_REASON = (
+    "dwk.host", "dwk.pid", "dwk.pid_start", "prefect.flow_run_id", "dwk.end_reason")
+
+_open_runs: set[str] = set()  # runs this process started and has not ended
+_open_lock = threading.Lock()
 
 
 def tracking_uri() -> str:
@@ -41,8 +60,129 @@ def ui_hint() -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
 
 
+def _redact(uri: str) -> str:
+    """The URI without a password, for messages."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def preflight(uri: str | None = None, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """Check in seconds that the tracking store can be used; raise ``TrackingError`` saying why not.
+
+    http(s): a GET of the server's ``/health`` with ``timeout`` (MLflow's own client retries for
+    minutes); a database server (postgresql, mysql, ...): a TCP connection to its port; SQLite and
+    file stores: the folder exists and is writable. Other schemes (databricks, ...) are not checked.
+    """
+    uri = uri or tracking_uri()
+    shown = _redact(uri)
+    hint = "set MLFLOW_TRACKING_URI to a reachable server or a writable sqlite:///PATH, or run with --no-track"
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.split("+")[0].lower()
+    if scheme in ("http", "https"):
+        url = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/health", query="", fragment=""))
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except (urllib.error.URLError, OSError) as e:  # refused, unknown host, timed out
+            reason = getattr(e, "reason", e)
+            raise TrackingError(f"MLflow tracking server {shown} is unreachable ({reason}; checked "
+                                f"{_redact(url)} with a {timeout:g}s timeout): {hint}") from e
+        if status >= 500 or status == 404:
+            raise TrackingError(f"MLflow tracking server {shown} answered HTTP {status} at /health: is it an "
+                                f"MLflow server, and healthy? {hint}")
+        return
+    if scheme in ("postgresql", "mysql", "mssql"):
+        host, port = parts.hostname, parts.port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme]
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            raise TrackingError(f"MLflow tracking database {shown} is unreachable ({e}; {host}:{port}, "
+                                f"{timeout:g}s timeout): {hint}") from e
+        return
+    if scheme == "sqlite" or scheme in ("", "file"):
+        if scheme == "sqlite":
+            path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+            if not path or path == ":memory:":
+                return
+            target = Path(path)
+            folder = target.parent
+        else:
+            target = Path(parts.path if scheme == "file" else uri)
+            folder = target if target.is_dir() or not target.suffix else target.parent
+        if not folder.is_dir():
+            raise TrackingError(f"MLflow tracking store {shown}: folder {folder} does not exist: {hint}")
+        if not os.access(folder, os.W_OK | os.X_OK) or (target.is_file() and not os.access(target, os.W_OK)):
+            raise TrackingError(f"MLflow tracking store {shown}: {target if target.is_file() else folder} is "
+                                f"not writable: {hint}")
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name may hold spaces
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    now = _proc_start(pid)
+    return start is None or now is None or now == start
+
+
+def process_tags() -> dict[str, str]:
+    """Host, pid and the pid's start time: who holds a run open."""
+    tags = {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
+    start = _proc_start(os.getpid())
+    if start:
+        tags[TAG_PID_START] = start
+    return tags
+
+
+def reap_stale_runs(experiment_id: str, c: MlflowClient | None = None) -> list[str]:
+    """Mark FAILED the RUNNING runs of an experiment whose process (on this host) no longer exists.
+
+    Runs of other hosts are left alone: their processes cannot be checked from here. Returns the ids.
+    """
+    c = c or client()
+    host = socket.gethostname()
+    flt = f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{host.replace(chr(39), '')}'"
+    reaped = []
+    for run in c.search_runs([experiment_id], filter_string=flt, max_results=1000):
+        tags = run.data.tags
+        try:
+            pid = int(tags.get(TAG_PID, ""))
+        except ValueError:
+            continue
+        if _alive(pid, tags.get(TAG_PID_START)):
+            continue
+        c.set_tag(run.info.run_id, TAG_END_REASON,
+                  f"process {pid} on {host} ended without closing the run (killed?); marked FAILED by "
+                  f"process {os.getpid()} at the next start")
+        c.set_terminated(run.info.run_id, status="FAILED")
+        logger.warning("MLflow run %s (%s) was left RUNNING by process %d, which is gone: marked FAILED",
+                       run.info.run_id, run.info.run_name, pid)
+        reaped.append(run.info.run_id)
+    return reaped
+
+
 def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
-    """Create the experiment if needed and open a run; returns its id."""
+    """Create the experiment if needed and open a run; returns its id.
+
+    The run is tagged with this host and pid; runs of the experiment left RUNNING by dead processes
+    of this host are marked FAILED first (``reap_stale_runs``).
+    """
     c = client()
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -52,16 +192,65 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict
         exp_id = c.create_experiment(experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
-    run = c.create_run(exp_id, run_name=run_name, tags=tags or {})
+        reap_stale_runs(exp_id, c)
+    run = c.create_run(exp_id, run_name=run_name, tags=process_tags() | (tags or {}))
     run_id = run.info.run_id
+    with _open_lock:
+        _open_runs.add(run_id)
     items = [mlflow.entities.Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params at a time
         c.log_batch(run_id, params=items[i:i + 100])
     return run_id
 
 
-def end_run(run_id: str, status: str = "FINISHED") -> None:
-    client().set_terminated(run_id, status=status)
+def end_run(run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+    c = client()
+    if reason:
+        c.set_tag(run_id, TAG_END_REASON, reason[:MAX_PARAM_LEN])
+    c.set_terminated(run_id, status=status)
+    with _open_lock:
+        _open_runs.discard(run_id)
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C, dwk's SIGTERM handler (``Interrupted``) or Prefect's ``TerminationSignal``."""
+    return isinstance(exc, (KeyboardInterrupt, SystemExit)) or any(
+        t.__name__ == "TerminationSignal" for t in type(exc).__mro__)
+
+
+def end_quietly(run_id: str, status: str, reason: str) -> bool:
+    """End a run, logging (not raising) a failure to do so: an error path must keep its own error."""
+    try:
+        end_run(run_id, status, reason)
+    except Exception:  # noqa: BLE001 - the original error matters more; the next start reaps the run
+        logger.warning("could not mark MLflow run %s %s", run_id, status, exc_info=True)
+        return False
+    return True
+
+
+def end_open_runs(status: str = "KILLED", reason: str = "stopped") -> list[str]:
+    """End every run this process opened and has not ended (the CLI's last resort on a signal)."""
+    with _open_lock:
+        runs = sorted(_open_runs)
+    return [r for r in runs if end_quietly(r, status, reason)]
+
+
+@contextlib.contextmanager
+def closed_on_error(run_id: str | None) -> Iterator[None]:
+    """End ``run_id`` KILLED (Ctrl-C, SIGTERM) or FAILED (any other exception) if the body raises.
+
+    No code path leaves a run RUNNING: the body ends it FINISHED itself when it succeeds.
+    """
+    if not run_id:
+        yield
+        return
+    try:
+        yield
+    except BaseException as e:
+        status = "KILLED" if _is_interrupt(e) else "FAILED"
+        end_quietly(run_id, status, f"{type(e).__name__}: {e}")
+        logger.info("MLflow run %s ended %s (%s)", run_id, status, type(e).__name__)
+        raise
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:

@@ -6,6 +6,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dwk import pipeline, sources
 from dwk.config import RunConfig
+from dwk.errors import CheckpointsFailedError
 from tasks import extract_checkpoint_task
 
 
@@ -31,7 +32,7 @@ def extract_flow(config: RunConfig) -> dict:
             extracted.append(result)
         log.info("extraction %d/%d done", len(extracted) + len(failed), len(config.checkpoints))
     if not extracted:
-        raise RuntimeError("no checkpoint could be extracted: " + "; ".join(f"{f['id']}: {f['error']}" for f in failed))
+        raise CheckpointsFailedError(failed)
     return dict(extracted=extracted, failed=failed)
 
 

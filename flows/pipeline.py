@@ -12,12 +12,10 @@ from tasks import start_tracking_task
 
 @flow(name="dwk-pipeline")
 def pipeline_flow(config: RunConfig, track: bool = True) -> dict:
+    if track:
+        tracking.preflight()  # in seconds, before any work
     result = bounded(config)(config)
     run_id = pipeline.new_run_id(config)
     mlflow_run_id = start_tracking_task(config, run_id) if track else None
-    try:
+    with tracking.closed_on_error(mlflow_run_id):  # FAILED on an error, KILLED on Ctrl-C / SIGTERM
         return analyze_flow(config, run_id, result["extracted"], result["failed"], mlflow_run_id)
-    except BaseException:
-        if mlflow_run_id:
-            tracking.end_run(mlflow_run_id, "FAILED")
-        raise

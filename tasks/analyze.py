@@ -9,9 +9,23 @@ from dwk import pipeline, tracking
 from dwk.config import RunConfig
 
 
-@task(name="start-tracking", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def _not_tracking_error(task, task_run, state) -> bool:
+    """A ``TrackingError`` (unreachable server, unwritable folder) is not retried: it was checked."""
+    from dwk.errors import TrackingError
+
+    return not isinstance(state.result(raise_on_failure=False), TrackingError)
+
+
+@task(name="start-tracking", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3,
+      retry_condition_fn=_not_tracking_error)
 def start_tracking_task(config: RunConfig, run_id: str) -> str:
-    return tracking.start_run(config.experiment, run_id, config.flat_params(), {"dwk.run_id": run_id})
+    """Open the MLflow run, tagged with the Prefect flow run it belongs to (and host, pid)."""
+    from prefect.runtime import flow_run
+
+    tags = {"dwk.run_id": run_id}
+    if flow_run.get_id():
+        tags["prefect.flow_run_id"] = str(flow_run.get_id())
+    return tracking.start_run(config.experiment, run_id, config.flat_params(), tags)
 
 
 @task(name="prepare-run", cache_policy=NO_CACHE)

@@ -8,13 +8,16 @@ from prefect.cache_policies import NO_CACHE
 
 from dwk import pipeline
 from dwk.config import CheckpointSpec
-from dwk.errors import CheckpointError
+from dwk.errors import CheckpointError, NoDepthwiseError
+
+BAD_INPUT = (CheckpointError, NoDepthwiseError)  # fails the same way every time: never retried
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retry transient failures (I/O, network); a bad checkpoint fails the same way every time."""
+    """Retry anything but bad input (I/O, network, and dwk's own internal errors); a bad checkpoint
+    fails the same way every time."""
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, CheckpointError)
+    return not isinstance(exc, BAD_INPUT)
 
 
 @task(
