@@ -65,3 +65,9 @@ def test_flow_run_is_in_mlflow(flow_run):
     assert {"classified_share_3x3", "classified_share_7x7", "tau_null_7x7", "n_failed_checkpoints"} <= set(run.data.metrics)
     assert run.data.metrics["n_failed_checkpoints"] == 1
     assert run.data.params["cluster.mode"] == "kmeans"
+    # Issue 10: who held the run open (host, pid) and the Prefect flow run it belongs to.
+    import os
+    import socket
+
+    assert run.data.tags["dwk.host"] == socket.gethostname() and run.data.tags["dwk.pid"] == str(os.getpid())
+    assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)

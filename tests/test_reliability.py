@@ -244,6 +244,7 @@ def test_sigterm_during_analysis_stops_dwk_run_within_seconds(tmp_path, mlflow_u
             proc.kill()
         log.close()
     text = (tmp_path / "log.txt").read_text()
+    print(f"SIGTERM to exit: {took:.1f}s")
     assert rc == 143, text[-3000:]
     assert took < 10, f"took {took:.1f}s"
     assert "stopped by SIGTERM" in text and "Traceback" not in text
