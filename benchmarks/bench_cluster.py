@@ -1,6 +1,6 @@
 """What the default clustering of one shape group costs, against one plain k-means fit.
 
-``dwk.analysis.fit_kmeans_mode`` (what a run calls for every shape group: three seeds of 48-cluster
+``dwk.clusterer.fit_kmeans_mode`` (what a run calls for every shape group: three seeds of 48-cluster
 k-means over-segmentation with ``N_INIT`` restarts each, six merge thresholds, naming, and the
 refinement into nearest-prototype clusters) is timed on N normalised 7x7 kernels of the standard
 planted population, with ``refine`` on (the default) and off. The baseline, measured in the same
@@ -35,7 +35,7 @@ def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def variants(x: np.ndarray, noise: np.ndarray):
     from sklearn.cluster import KMeans
 
-    from dwk.analysis import fit_kmeans_mode
+    from dwk.clusterer import fit_kmeans_mode
     from dwk.config import ClusterConfig
 
     return {

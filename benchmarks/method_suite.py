@@ -1,7 +1,7 @@
 """Method-evaluation suite (issue 9): the default clustering on planted families with ground truth.
 
 For each planted family, kernel shape, group size and class balance, the default clustering of a run
-(``dwk.analysis.fit_kmeans_mode`` with the default ``ClusterConfig``) is fitted on the normalised
+(``dwk.clusterer.fit_kmeans_mode`` with the default ``ClusterConfig``) is fitted on the normalised
 kernels, exactly as a run does, and compared with k-means given the true number of classes. One row:
 
 - ``ARI``: adjusted Rand index against the planted labels on the structured part (noise excluded);
@@ -45,7 +45,7 @@ def evaluate(family: str, shape: tuple[int, int], n: int, *, imbalanced: bool = 
     """One row of the suite: the default clustering of one planted population against its labels."""
     from sklearn.metrics import adjusted_rand_score
 
-    from dwk.analysis import crossfit, fit_kmeans_mode
+    from dwk.clusterer import crossfit, fit_kmeans_mode
     from dwk.clusters import noise_kernels
     from dwk.config import ClusterConfig
     from dwk.controls import kmeans_true_k_ari
@@ -62,7 +62,7 @@ def evaluate(family: str, shape: tuple[int, int], n: int, *, imbalanced: bool = 
     f, selection = fit_kmeans_mode(x, noise, cc, shape)
     pred, cos = f.assign(x)
     tau_null = f.tau_null
-    if cc.crossfit:  # classification out of sample, as a run does it (dwk.analysis.crossfit)
+    if cc.crossfit:  # classification out of sample, as a run does it (dwk.clusterer.crossfit)
         cf = crossfit(x, noise, cc, shape, selection["merge_cos"])
         cos, tau_null = cf.cosines(x, cf.fold), cf.tau_null
     seconds = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 method, not of speed): the README's table "Seed stability of the 5x5 populations" comes from here.
 
 For each population seed and each seed set (``cluster.seed`` s, so k-means seeds s, s+1, s+2),
-``dwk.analysis.fit_kmeans_mode`` runs as in a run and prints the chosen merge threshold, the seed
+``dwk.clusterer.fit_kmeans_mode`` runs as in a run and prints the chosen merge threshold, the seed
 stability (min and mean pairwise ARI of the three seeds' classified partitions), the ARI of the
 clusters against the planted labels on the structured part, and the clusters dissolved as borders.
 Flags switch off the later steps of the method to reproduce the table's earlier columns.
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     from sklearn.metrics import adjusted_rand_score
 
     import dwk.clusters
-    from dwk.analysis import fit_kmeans_mode
+    from dwk.clusterer import fit_kmeans_mode
     from dwk.clusters import noise_kernels
     from dwk.config import ClusterConfig
     from dwk.normalize import normalize_block

@@ -11,26 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dwk import autoencoder as ae
-from dwk.clusters import (
-    MIN_PER_CLUSTER,
-    FittedClusters,
-    PaperClusterer,
-    blends,
-    dissolve,
-    fit_clusters,
-    merge_same_name,
-    noise_kernels,
-    null_tau,
-    refine,
-    select_merge,
-    tau_curve,
-)
+from dwk.clusterer import KernelClusterer
+from dwk.clusters import FittedClusters, PaperClusterer, fit_clusters, noise_kernels, tau_curve
 from dwk.config import RunConfig
 from dwk.controls import kmeans_baseline, kmeans_true_k_ari, master_key_fit, planted_recovery
 from dwk.dog import fit_reference, name_prototypes
@@ -41,7 +28,6 @@ from dwk.store import STATUS_DEAD, STATUS_OK, KernelStore
 logger = logging.getLogger(__name__)
 
 TAU_GRID = np.round(np.linspace(0.0, 1.0, 101), 2)
-SETTLE_ROUNDS = 8  # refine / join / dissolve rounds; planted populations settle in 1-4
 
 
 def kernel_table(store: KernelStore, run_id: str, shape: str) -> dict[str, np.ndarray]:
@@ -98,96 +84,6 @@ def train_shape(
     return path, losses
 
 
-def fit_kmeans_mode(x_fit: np.ndarray, noise: np.ndarray, cc, kshape: tuple[int, int]) -> tuple[FittedClusters, dict]:
-    """The default clusters: over-segment, merge at the seed-stability-chosen threshold, join
-    same-named clusters, refine into nearest-prototype clusters. Returns the clusters of seed
-    ``cc.seed`` and the selection record (the threshold grid and the seed stability of the final
-    partitions)."""
-    common = dict(min_share=cc.min_share, alpha=cc.alpha)
-    seeds = tuple(cc.seed + i for i in range(cc.seeds))
-    grid = cc.merge_grid if cc.merge_cos == "auto" else (float(cc.merge_cos),)
-
-    def by_name(f: FittedClusters) -> FittedClusters:
-        if not cc.merge_same_name:
-            return f
-        names = [n["name"] for n in name_prototypes(f.prototypes, kshape, cc.name_cos)]
-        return merge_same_name(f, names, x_fit, noise, **common)
-
-    def settle(f: FittedClusters) -> FittedClusters:
-        """Join same-named clusters, refine, and dissolve border clusters, until none of the three
-        changes anything (a refined prototype can drift onto a neighbour's name, and a dissolved
-        border moves its neighbours' prototypes)."""
-        f = by_name(f)
-        if not cc.refine:
-            return f
-        gone: list[dict] = []
-        for _ in range(SETTLE_ROUNDS):
-            f = refine(f, x_fit, noise, **common)
-            joined = by_name(f)
-            if joined is not f:
-                f = joined
-                continue
-            if not cc.dissolve_blends:
-                break
-            names = [n["name"] for n in name_prototypes(f.prototypes, kshape, cc.name_cos)]
-            found = blends(f.prototypes, np.array([not n.startswith("unnamed") for n in names]), cc.name_cos)
-            if not found:
-                break
-            gone += [dict(share=round(float(f.share[c]), 4), blend_of=[names[i], names[j]], cos=cos)
-                     for c, (i, j, cos) in found.items()]
-            f = dissolve(f, list(found), x_fit, noise, **common)
-        else:
-            logger.info("clusters still changing after %d settle rounds; keeping the last", SETTLE_ROUNDS)
-        f.dissolved = gone
-        return f
-
-    merge, table, fits = select_merge(x_fit, noise, n_init=cc.n_init_clusters, grid=grid, seeds=seeds,
-                                      max_fit=cc.max_fit_kernels, post=settle, **common)
-    best = next(r for r in table if r["merge_cos"] == merge)
-    selection = dict(merge_cos=merge, chosen_by="seed stability" if len(grid) > 1 else "config", grid=table,
-                     merged_same_name=cc.merge_same_name, refined=cc.refine,
-                     dissolved=fits[cc.seed].dissolved,
-                     seed_stability=dict(seeds=list(seeds), ari_mean=best["stability_mean"], ari_min=best["stability_min"]))
-    return fits[cc.seed], selection
-
-
-@dataclass
-class CrossFit:
-    """Two clusterings, each fitted on one half of the fit kernels: the out-of-sample classifier.
-
-    A kernel of fold k is measured against the clusters of fold 1 - k, which were fitted without it;
-    any other kernel (a control, a noise kernel) against the fold it is drawn into. ``tau_null`` is
-    calibrated on isotropic noise measured the same way.
-    """
-
-    fold: np.ndarray  # (n_fit,) fold of each fit kernel
-    fits: tuple[FittedClusters, FittedClusters]
-    tau_null: float
-    null_cos: np.ndarray
-
-    def cosines(self, x: np.ndarray, fold: np.ndarray) -> np.ndarray:
-        """Cosine of each kernel to the prototype of its nearest cluster in the other fold's fit
-        (-inf when that cluster is minor)."""
-        out = np.empty(len(x), np.float64)
-        for k in (0, 1):
-            m = fold == k
-            if m.any():
-                out[m] = self.fits[1 - k].assign(x[m])[1]
-        return out
-
-
-def crossfit(x_fit: np.ndarray, noise: np.ndarray, cc, kshape: tuple[int, int], merge_cos: float) -> CrossFit:
-    """Fit the default clustering on each half of ``x_fit`` at the chosen ``merge_cos`` (one seed)."""
-    rng = np.random.default_rng(cc.seed + 7919)
-    fold = rng.permutation(len(x_fit)) % 2
-    one = cc.model_copy(update=dict(merge_cos=merge_cos, seeds=1))
-    fits = tuple(fit_kmeans_mode(x_fit[fold == k], noise, one, kshape)[0] for k in (0, 1))
-    cf = CrossFit(fold, fits, 0.0, np.empty(0))
-    cf.null_cos = cf.cosines(noise, rng.permutation(len(noise)) % 2)
-    cf.tau_null = null_tau(cf.null_cos, cc.alpha)
-    return cf
-
-
 def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, model_path: Path) -> dict:
     """Cut clusters, name them, classify every kernel of the shape group, run the controls.
 
@@ -209,24 +105,24 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
     paper = None
     if model.latent_dim == 1:
         paper = fit_clusters(PaperClusterer(model, cc.grid, cc.paper_merge_cos).fit(x_fit), x_fit, noise, **common)
-    selection = None
+    selection, est = None, None
+    labels = np.full(len(x), -1, np.int32)
+    cos = np.full(len(x), np.nan, np.float32)
     if cc.mode == "paper":
         if paper is None:
             raise ValueError("cluster.mode 'paper' needs autoencoder.latent_dim: 1")
         primary = paper
+        labels[ok], cos[ok] = primary.assign(x[ok])
+        tau_null, null_cos = primary.tau_null, primary.null_cos
     else:
-        primary, selection = fit_kmeans_mode(x_fit, noise, cc, kshape)
-
-    labels = np.full(len(x), -1, np.int32)
-    cos = np.full(len(x), np.nan, np.float32)
-    labels[ok], cos[ok] = primary.assign(x[ok])
-    tau_null, null_cos, cf = primary.tau_null, primary.null_cos, None
-    if selection is not None and cc.crossfit and fit.sum() >= 4 * MIN_PER_CLUSTER:
-        cf = crossfit(x_fit, noise, cc, kshape, selection["merge_cos"])
-        fold = np.random.default_rng(cc.seed + 104729).integers(0, 2, len(x))  # controls: a random fold
-        fold[fit] = cf.fold
-        cos[ok] = cf.cosines(x[ok], fold[ok])
-        tau_null, null_cos = cf.tau_null, cf.null_cos
+        est = KernelClusterer.from_config(cc, kshape, cfg.normalize.method).fit(x_fit)
+        primary, selection = est.fitted_, est.selection_
+        labels[ok] = primary.clusterer.predict(x[ok])
+        cos[fit] = est.cosines_  # out of sample when cross-fitted
+        if (ok & ~fit).any():
+            cos[ok & ~fit] = est.score_samples(x[ok & ~fit])  # controls: never in the fit
+        tau_null = est.tau_null_
+        null_cos = est.crossfit_.null_cos if est.crossfit_ is not None else primary.null_cos
     codes = np.full((len(x), model.latent_dim), np.nan, np.float32)
     codes[ok] = ae.encode(model, x[ok].astype(np.float32))
     chunk = cfg.chunk_kernels
@@ -262,9 +158,10 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
         clusters=clusters,
         controls=dict(noise=dict(n=int(len(noise)), classified_share_tau_null=round(float((null_cos >= tau_null).mean()), 4),
                                  classified_share_tau=round(float((null_cos >= cc.tau).mean()), 4))),
-        classification=dict(out_of_sample=cf is not None, folds=2 if cf is not None else None,
+        classification=dict(out_of_sample=est is not None and est.crossfit_ is not None,
                             tau_null_in_sample=round(primary.tau_null, 4),
-                            fold_clusters=[int(f.clusterer.n_clusters_) for f in cf.fits] if cf is not None else None),
+                            fold_clusters=[int(f.clusterer.n_clusters_) for f in est.crossfit_.fits]
+                            if est is not None and est.crossfit_ is not None else None),
     )
     if selection is not None:
         summary["selection"] = selection

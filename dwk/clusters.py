@@ -13,7 +13,7 @@ returns self, learned state ends in ``_``):
 - :func:`refine` then settles the merged clusters into a :class:`PrototypeClusterer`: spherical
   k-means (Lloyd) started from their prototypes, so each kernel belongs to the prototype it
   matches best; :func:`blends` finds border clusters (unnamed blends of two named prototypes)
-  and :func:`dissolve` removes them (``dwk.analysis.fit_kmeans_mode`` alternates the steps).
+  and :func:`dissolve` removes them (``dwk.clusterer.fit_kmeans_mode`` alternates the steps).
 
 A cluster's prototype is the unit-norm mean of its member kernels. A kernel is *classified* when
 its cosine to its cluster's prototype is >= tau and its cluster is not minor (< ``min_share`` of

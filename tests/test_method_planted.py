@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from dwk.analysis import fit_kmeans_mode
+from dwk.clusterer import fit_kmeans_mode
 from dwk.clusters import blends, noise_kernels
 from dwk.config import ClusterConfig
 from dwk.controls import kmeans_true_k_ari
