@@ -145,7 +145,7 @@ class KernelClusterer(ClusterMixin, BaseEstimator):
 
     def __init__(self, kernel_shape: tuple[int, int] | None = None, normalize: str = "l2", n_init_clusters: int = 48,
                  merge_cos: float | str = "auto", merge_grid: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85),
-                 seeds: int = 3, merge_same_name: bool = True, refine: bool = True, dissolve_blends: bool = True,
+                 seeds: int = 3, merge_same_name: bool = False, refine: bool = True, dissolve_blends: bool = False,
                  crossfit: bool = True, max_fit_kernels: int = 200_000, min_share: float = 0.005, alpha: float = 0.01,
                  n_null: int = 20000, name_cos: float = 0.8, random_state: int = 0):
         self.kernel_shape = kernel_shape

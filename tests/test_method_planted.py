@@ -4,13 +4,13 @@ ClusterConfig: the clusters choose their own number by seed stability). k-means 
 k as the baseline. Two population seeds per shape; about a minute and a half on 2 cores.
 
 At 5x5 the classes overlap: even the nearest true class mean puts only 88% of the structured
-kernels in their class (ARI 0.75-0.76), so 5x5 is held to the k-means baseline, not to 0.9."""
+kernels in their class (ARI 0.75-0.76), so 5x5 is held to 0.9x the k-means baseline (issue 9)."""
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from dwk.clusterer import fit_kmeans_mode
-from dwk.clusters import blends, noise_kernels
+from dwk.clusters import noise_kernels
 from dwk.config import ClusterConfig
 from dwk.controls import kmeans_true_k_ari
 from dwk.dog import name_prototypes
@@ -35,8 +35,6 @@ def check(shape, seed, n=20000):
         stability=selection["seed_stability"]["ari_min"],
         n_clusters=f.clusterer.n_clusters_,
         dissolved=selection["dissolved"],
-        # border clusters left after settling: none, or the settle loop stopped too early
-        borders_left=blends(f.prototypes, np.array([not n.startswith("unnamed") for n in names]), 0.8),
     )
 
 
@@ -45,13 +43,15 @@ def check(shape, seed, n=20000):
 def test_planted_standard_population(shape, seed):
     r = check(shape, seed)
     print(shape, seed, r, flush=True)
-    if shape == (7, 7):
+    # Issue 9's criteria: ARI at least 0.9x k-means told the true k (and 0.9 where it gets 0.95);
+    # the bank only names clusters, so nothing is joined by name or dissolved as a blend.
+    assert r["ari"] >= 0.9 * r["kmeans_ari"], r
+    if r["kmeans_ari"] >= 0.95:
         assert r["ari"] >= 0.9, r
-    else:
-        assert r["ari"] >= r["kmeans_ari"], r
-    assert r["named_right"] >= 0.9, r
+    # Classes whose largest cluster carries their bank name. Without joining by name, 5x5 classes
+    # that overlap split into pieces, and 2 of the 14 majority pieces get a neighbour's name
+    # (measured 12/14 on both populations; 14/14 when the bank joined clusters, issue 3).
+    assert r["named_right"] >= (0.9 if shape == (7, 7) else 0.8), r
     assert r["noise_classified"] <= 0.03, r
     assert r["stability"] >= 0.9, r
-    assert r["borders_left"] == {}, r
-    if shape == (5, 5):  # both 5x5 populations have border clusters to dissolve (2 and 3 with seed 0)
-        assert r["dissolved"] and all(not b.startswith("unnamed") for d in r["dissolved"] for b in d["blend_of"]), r
+    assert r["dissolved"] == [], r
