@@ -344,6 +344,23 @@ def cmd_sources(args: argparse.Namespace) -> int:
     return _outcome(n_ok, failed, "cached", args.allow_partial and n_ok > 0)
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """List runs of a store whose process died before they finished (kill -9, a crash); --remove deletes them.
+
+    A run of a live process on this host is never listed; one whose process ran on another host is
+    listed once it is older than --older-than-hours. Checkpoints are never touched.
+    """
+    store = _open_store(args.store)
+    orphans = store.orphaned_runs(max_age_s=args.older_than_hours * 3600)
+    for run_id, why in orphans:
+        if args.remove:
+            store.delete_run(run_id)
+        print(f"{'REMOVED' if args.remove else 'ORPHANED'}  {run_id}: {why}")
+    print(f"gc: {len(orphans)} orphaned run(s) in {store.path}"
+          + ("" if args.remove or not orphans else "; run again with --remove to delete them"))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every checkpoint of a store (checksums of every chunk unless --quick).
 
@@ -433,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move damaged checkpoints aside so the next extraction redoes them")
     v.add_argument("--quick", action="store_true", help="check metadata and chunk files only, no checksums")
     v.set_defaults(func=cmd_verify)
+    g = sub.add_parser("gc", help="list (and --remove) runs of a store left unfinished by a dead process")
+    g.add_argument("--store", type=Path, required=True, help="Zarr kernel store, e.g. runs/store.zarr")
+    g.add_argument("--remove", action="store_true", help="delete the orphaned runs' store groups")
+    g.add_argument("--older-than-hours", type=float, default=24.0,
+                   help="runs whose process ran on another host count as orphaned after this long (default 24)")
+    g.set_defaults(func=cmd_gc)
     return p
 
 

@@ -315,6 +315,7 @@ def finalize(
                             status="FINISHED")
     for fig in figures.values():
         plt.close(fig)
+    store.finish_run(run_id)
     return summary
 
 

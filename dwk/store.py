@@ -679,11 +679,49 @@ class KernelStore:
         return runs[run_id]
 
     def create_run(self, run_id: str, meta: dict[str, Any]) -> None:
-        """Create (or reset) a run's group. A run's arrays are derived data: a re-run rewrites them."""
+        """Create (or reset) a run's group. A run's arrays are derived data: a re-run rewrites them.
+
+        The run's writer (host, pid namespace, pid, start time) is recorded beside ``meta``, so a
+        run whose process died before :meth:`finish_run` can be told from one still running.
+        """
         runs = self.root["runs"]
         if run_id in runs:
             del runs[run_id]
-        runs.create_group(run_id).attrs["dwk"] = meta
+        writer = dict(host=socket.gethostname(), pid=os.getpid(), pidns=_pid_namespace(), started=time.time())
+        runs.create_group(run_id).attrs["dwk"] = {**meta, WRITER_KEY: writer, "finished": None}
+
+    def finish_run(self, run_id: str) -> None:
+        """Mark a run's store group complete: its results are all written (the last step of a run)."""
+        self.update_run_meta(run_id, finished=time.time())
+
+    def orphaned_runs(self, *, max_age_s: float = TMP_MAX_AGE_S) -> list[tuple[str, str]]:
+        """Runs that never finished and never will: ``(run_id, why)``.
+
+        A run is orphaned when it has no ``finished`` mark and its process ran on this host and is
+        gone (killed, crashed), or ran elsewhere (which cannot be asked) and started more than
+        ``max_age_s`` ago. A run of a live process on this host is never listed. Runs written by
+        a dwk older than this mark count as finished.
+        """
+        out, now = [], time.time()
+        runs = self.root["runs"]
+        for run_id in sorted(runs.group_keys()):
+            meta = dict(runs[run_id].attrs.get("dwk") or {})
+            if "finished" not in meta or meta["finished"]:
+                continue
+            writer = meta.get(WRITER_KEY)
+            state = _writer_state(writer)
+            started = writer.get("started") if isinstance(writer, dict) else None
+            age = now - started if isinstance(started, (int, float)) else float("inf")
+            if state == "dead":
+                out.append((run_id, f"its process {writer.get('pid')} on {writer.get('host')} is gone"))
+            elif state == "unknown" and age > max_age_s:
+                out.append((run_id, f"unfinished, started {age / 3600:.1f} h ago on {(writer or {}).get('host', '?')}"))
+        return out
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run's store group (its derived arrays; checkpoints are untouched)."""
+        self._run(run_id)  # a clear KeyError for an unknown run
+        del self.root["runs"][run_id]
 
     def run_meta(self, run_id: str) -> dict[str, Any]:
         return dict(self._run(run_id).attrs.get("dwk") or {})

@@ -64,6 +64,10 @@ def test_summary_and_contrast(first_run):
     # nan-weights is a real (file) checkpoint of the same shape: the planted check is analysed apart.
     assert store_groups(cfg, s["run_id"]) == {"7x7": ["null-test_convnext", "nan-weights"],
                                                "planted-7x7": ["planted-test_convnext"]}
+    from dwk.store import KernelStore
+
+    store = KernelStore(cfg.store)
+    assert store.run_meta(s["run_id"])["finished"] and store.orphaned_runs() == []  # dwk gc leaves it
     sh = on_disk["shapes"]["planted-7x7"]
     assert {"n_kernels", "tau", "tau_null", "classified_share", "clusters"} <= set(sh)
     assert all({"name", "size", "share", "prototype"} <= set(c) for c in sh["clusters"])
