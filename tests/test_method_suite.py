@@ -68,10 +68,9 @@ def test_labels_noise_share_and_imbalance():
 def test_a_suite_row_measures_the_default_method():
     r = _suite().evaluate("random-fields", (7, 7), 2000, seed=2)
     assert r["n_true"] == 12 and r["kmeans_ari_true_k"] >= 0.95
-    # The row reports what the default method did; the criteria columns follow from the numbers.
-    assert r["ok"][0] == ("A" if r["ari"] >= 0.9 * r["kmeans_ari_true_k"] and r["ari"] >= 0.9 else "-")
-    assert r["ok"][1] == ("N" if r["noise_classified"] <= 0.02 else "-")
-    assert r["n_found"] >= 2 and r["seconds"] > 0
+    # Separable fields the bank cannot name: the default recovers them, and classifies little noise.
+    assert r["ari"] >= 0.9 and r["noise_classified"] <= 0.03, r
+    assert r["ok"].startswith("AN"), r
 
 
 def test_classification_out_of_sample_keeps_noise_near_alpha_in_small_groups():
