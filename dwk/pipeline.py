@@ -142,8 +142,8 @@ def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_i
         control = sources.is_control(by_id[e["id"]])
         ckpts.append(dict(id=e["id"], source=e["source"], control=control, role=role_of(e["source"], control)))
     groups = analysis_groups(ckpts, {e["id"]: e["shapes"] for e in extracted}, cfg.controls.regular)
-    store.create_run(run_id, dict(config=cfg.model_dump(mode="json"), checkpoints=ckpts, shapes=list(groups),
-                                  groups=groups, mlflow_run_id=mlflow_run_id, offsets={}))
+    store.create_run(run_id, dict(config=cfg.model_dump(mode="json"), checkpoints=ckpts, groups=groups,
+                                  mlflow_run_id=mlflow_run_id, offsets={}))
     return list(groups)
 
 

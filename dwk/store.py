@@ -14,7 +14,7 @@ Schema (``SCHEMA_VERSION``)::
       checkpoints/.tmp-<key>-<uuid>/      a checkpoint being written (attrs.dwk_writer = {host, pid, started})
       checkpoints/.old-<key>-<uuid>/      a stale copy moved aside by the writer replacing it (deleted by it)
       checkpoints/.damaged-<key>-<time>/  a damaged copy moved aside by ``dwk verify --repair`` (kept to inspect)
-      runs/<run_id>/                      attrs.dwk = {config, checkpoints, offsets, stages}
+      runs/<run_id>/                      attrs.dwk = {config, checkpoints, groups, offsets, dwk_writer, finished}
         <shape>/normalized (kernel, tap)  float32 normalised, flattened kernels of all checkpoints
         <shape>/status     (kernel,)      int8    0 ok, 1 non-finite, 2 dead
         <shape>/code, cluster, cosine     written by the analysis

@@ -15,7 +15,7 @@ def _dead_pid() -> int:
 def test_gc_lists_and_removes_only_orphaned_runs(tmp_path, capsys):
     store = KernelStore(tmp_path / "s.zarr")
     for run_id in ("finished", "live", "killed", "old-elsewhere", "from-older-dwk"):
-        store.create_run(run_id, {"shapes": []})
+        store.create_run(run_id, {"groups": {}})
     store.finish_run("finished")
     meta = store.run_meta("killed")
     store.update_run_meta("killed", dwk_writer={**meta["dwk_writer"], "pid": _dead_pid()})
@@ -23,7 +23,7 @@ def test_gc_lists_and_removes_only_orphaned_runs(tmp_path, capsys):
     store.update_run_meta("old-elsewhere", dwk_writer={**meta["dwk_writer"], "host": "another-node",
                                                          "started": meta["dwk_writer"]["started"] - 48 * 3600})
     g = store._run("from-older-dwk")  # a run group written before the finished mark existed
-    g.attrs["dwk"] = {"shapes": []}
+    g.attrs["dwk"] = {"groups": {}}
 
     orphans = dict(store.orphaned_runs())
     assert set(orphans) == {"killed", "old-elsewhere"}
