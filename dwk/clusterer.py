@@ -2,8 +2,8 @@
 
 The procedure (METHOD 2.4-2.6, chosen by measurement; README "The method, and the choices dwk made"):
 over-segment the unit-norm kernels with k-means, merge alike over-segments at the threshold that is
-most stable across seeds, settle (refine into nearest-prototype clusters, join same-named ones,
-dissolve border blends), then classify out of sample: each kernel's cosine is measured against the
+most stable across seeds, refine into nearest-prototype clusters (joining same-named clusters and
+dissolving border blends are options, off by default: the bank only names), then classify out of sample: each kernel's cosine is measured against the
 clusters of a fit on the other half of the kernels, and ``tau_null`` is calibrated on isotropic noise
 measured the same way. The functions :func:`fit_kmeans_mode` and :func:`crossfit` are its two steps;
 ``dwk.analysis`` and the benchmarks call them with a :class:`~dwk.config.ClusterConfig`.
@@ -32,15 +32,13 @@ from dwk.dog import name_prototypes
 logger = logging.getLogger(__name__)
 
 SETTLE_ROUNDS = 8  # refine / join / dissolve rounds; planted populations settle in 1-4
-
-
 MIN_FOLD = 25  # fit kernels per fold at least (x4) for cross-fitting: tiny groups are classified in sample
 
 
 def fit_kmeans_mode(x_fit: np.ndarray, noise: np.ndarray, cc: ClusterConfig,
                     kshape: tuple[int, int] | None) -> tuple[FittedClusters, dict]:
-    """The default clusters: over-segment, merge at the seed-stability-chosen threshold, join
-    same-named clusters, refine into nearest-prototype clusters. Returns the clusters of seed
+    """The default clusters: over-segment, merge at the seed-stability-chosen threshold, refine into
+    nearest-prototype clusters (optionally joining same-named clusters and dissolving blends). Returns the clusters of seed
     ``cc.seed`` and the selection record (the threshold grid and the seed stability of the final
     partitions)."""
     common = dict(min_share=cc.min_share, alpha=cc.alpha)
@@ -116,7 +114,8 @@ class CrossFit:
         return out
 
 
-def crossfit(x_fit: np.ndarray, noise: np.ndarray, cc, kshape: tuple[int, int], merge_cos: float) -> CrossFit:
+def crossfit(x_fit: np.ndarray, noise: np.ndarray, cc: ClusterConfig, kshape: tuple[int, int] | None,
+             merge_cos: float) -> CrossFit:
     """Fit the default clustering on each half of ``x_fit`` at the chosen ``merge_cos`` (one seed)."""
     rng = np.random.default_rng(cc.seed + 7919)
     fold = rng.permutation(len(x_fit)) % 2
