@@ -43,8 +43,8 @@ arrays through ``location`` (``"."`` here: the arrays sit in the published folde
 local-filesystem writer is implemented.
 
 **Integrity.** ``is_complete`` checks the record against what is on disk (cheap: array metadata,
-shapes, dtypes and the number of stored chunk files, no data read), so a checkpoint that lost
-a chunk file is extracted again. Every chunk is written, even one that equals the fill value
+shapes, dtypes and one stat per chunk file, no data read): a checkpoint that lost a chunk file, or
+whose chunk file was truncated or replaced by one of another size, is extracted again. Every chunk is written, even one that equals the fill value
 (``write_empty_chunks``), so a missing chunk file always means damage. Kernel arrays have NaN as
 fill value: a chunk that is missing anyway reads as non-finite kernels, never as zeros ("dead").
 ``kernels()`` and ``kernel_index()`` verify the checksum of every chunk they read by default and
@@ -352,8 +352,9 @@ class KernelStore:
     def is_complete(self, ckpt_id: str, fingerprint: str, extractor_version: int) -> bool:
         """True when the checkpoint was fully extracted from the same weights by the same extractor.
 
-        Checks the completion record against what is on disk, cheaply (metadata and chunk-file
-        counts, no data): a checkpoint that lost an array or a chunk file is not complete, so it is
+        Checks the completion record against what is on disk, cheaply (metadata and one stat per
+        chunk file, no data): a checkpoint that lost an array or a chunk file, or whose chunk file
+        has another size than the one written (truncated, replaced), is not complete, so it is
         extracted again. Checksums are checked when data is read (``kernels``) and by ``dwk verify``.
         """
         try:
@@ -438,9 +439,12 @@ class KernelStore:
                 arr = g.create_array(f"{shape}/{name}", shape=data.shape, dtype=data.dtype, chunks=(c, *data.shape[1:]),
                                      fill_value=fill, dimension_names=dims, config={"write_empty_chunks": True})
                 arr[...] = data
+                n_chunks = -(-n // c) if n else 0
                 arrays[f"{shape}/{name}"] = dict(
-                    shape=list(data.shape), dtype=str(data.dtype), chunk=c, n_chunks=-(-n // c) if n else 0,
+                    shape=list(data.shape), dtype=str(data.dtype), chunk=c, n_chunks=n_chunks,
                     count=n, crc32=[chunk_checksum(data[i:i + c]) for i in range(0, n, c)],
+                    # Encoded sizes: the cheap check (is_complete) finds a truncated or swapped chunk file.
+                    nbytes=[_chunk_file(tmp / shape / name, arr, j).stat().st_size for j in range(n_chunks)],
                 )
         record = dict(format=1, checksum="crc32", location=".", written_at=time.time(), writer=writer, arrays=arrays)
         # The completion record goes last, in the same metadata write as complete=True.
@@ -587,10 +591,16 @@ class KernelStore:
                 continue
             n_chunks += entry["n_chunks"]
             folder = self._ckpt_dir / self._base(key, record) / aname
+            sizes = entry.get("nbytes")  # absent in records written before sizes were recorded
             for j in range(entry["n_chunks"]):
-                coords = (j,) + (0,) * (len(entry["shape"]) - 1)
-                if not (folder / arr.metadata.encode_chunk_key(coords)).is_file():
+                try:
+                    size = _chunk_file(folder, arr, j).stat().st_size
+                except FileNotFoundError:
                     damage.append(Damage(name, "chunk file missing", aname, j))
+                    continue
+                if sizes is not None and size != sizes[j]:
+                    damage.append(Damage(name, f"chunk file is {size} bytes, the record says {sizes[j]} "
+                                               "(truncated or replaced)", aname, j))
             if not full:
                 continue
             v = VerifiedArray.wrap(arr, name, aname, entry["crc32"], self.path)
@@ -751,6 +761,11 @@ class KernelStore:
                         dims: tuple[str, ...]) -> None:
         arr = self.create_run_array(run_id, shape, name, data.shape, data.dtype, chunk_kernels, dims)
         arr[...] = data
+
+
+def _chunk_file(folder: Path, arr: zarr.Array, j: int) -> Path:
+    """The file of chunk ``j`` (along the kernel axis) of an array stored in ``folder``."""
+    return folder / arr.metadata.encode_chunk_key((j,) + (0,) * (arr.ndim - 1))
 
 
 # --------------------------------------------------------------------------- writers of temporary folders
