@@ -208,6 +208,9 @@ def _print_result(summary: dict) -> None:
         print("\ncontrols:")
         print("  " + controls_text(controls).replace("\n", "\n  "))
     print()
+    if summary.get("finished") is False:
+        print(f"run {summary['run_id']} has not finished: groups without a result are left out; "
+              f"`dwk run --resume {summary['run_id']}` goes on with it")
     print(f"results:  {summary['out']}  (summary.json, checkpoints.txt, controls.txt, figures/)")
     print(f"store:    {summary['store']}")
     if summary.get("mlflow_run_id"):
@@ -223,15 +226,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         from dwk import tracking
 
         tracking.preflight()  # in seconds, before Prefect's server or any work starts
+    if args.resume:
+        _open_store(cfg.store)  # a clear error when there is no store
     if args.no_prefect:
         from dwk import pipeline
 
-        summary = pipeline.run(cfg, track=track)
+        summary = pipeline.run(cfg, track=track, resume=args.resume)
     else:
         _isolate_prefect_database()
         from flows.pipeline import pipeline_flow
 
-        summary = pipeline_flow(cfg, track=track)
+        summary = pipeline_flow(cfg, track=track, resume=args.resume)
     _print_result(summary)
     return _outcome(len(summary["checkpoints"]), summary["failed"], "analysed", args.allow_partial)
 
@@ -281,11 +286,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return _outcome(len(summary["checkpoints"]), summary["failed"], "analysed", args.allow_partial)
 
 
+def _default_store(args: argparse.Namespace) -> Path:
+    """``--store``, else the embedded config's store (where ``dwk run`` writes by default)."""
+    from dwk.config import load_config
+
+    return args.store or load_config(None).store
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from dwk.export import load_summary
 
     try:
-        summary = load_summary(args.run)[0]
+        summary = load_summary(args.run, _default_store(args))[0]
     except FileNotFoundError as e:
         raise MissingInputError(str(e)) from e
     _print_result(summary)
@@ -296,7 +308,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dwk.export import export_run
 
     try:
-        path = export_run(args.run, args.output, args.format)
+        path = export_run(args.run, args.output, args.format, _default_store(args))
     except FileNotFoundError as e:
         if not Path(args.run).exists():
             raise MissingInputError(str(e)) from e
@@ -417,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-prefect", action="store_true", help="run the stages in this process, without Prefect")
     r.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     r.add_argument("--allow-partial", action="store_true", help=PARTIAL_HELP)
+    r.add_argument("--resume", metavar="RUN_ID",
+                   help="go on with an unfinished run of the store (killed, failed, stopped), with the config it "
+                        "started with; stages it finished are skipped")
     r.set_defaults(func=cmd_run)
     e = sub.add_parser("extract", help="extract the config's checkpoints into the store")
     common(e, out=False)
@@ -427,11 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     a.add_argument("--allow-partial", action="store_true", help=PARTIAL_HELP)
     a.set_defaults(func=cmd_analyze)
-    s = sub.add_parser("show", help="print a finished run's table")
-    s.add_argument("run", help="run folder (runs/<run_id>) or its summary.json")
+    run_help = "run folder (runs/<run_id>), its summary.json, or a run id of the store"
+    store_help = "Zarr kernel store holding the run (default: the embedded config's, runs/store.zarr)"
+    s = sub.add_parser("show", help="print a run's table (from its folder, or from the store alone)")
+    s.add_argument("run", help=run_help)
+    s.add_argument("--store", type=Path, help=store_help)
     s.set_defaults(func=cmd_show)
     x = sub.add_parser("export", help="write a run's per-kernel table (Parquet or CSV)")
-    x.add_argument("run", help="run folder (runs/<run_id>) or its summary.json")
+    x.add_argument("run", help=run_help)
+    x.add_argument("--store", type=Path, help=store_help)
     x.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     x.add_argument("--output", type=Path, help="file to write (default: <run folder>/kernels.<format>)")
     x.set_defaults(func=cmd_export)

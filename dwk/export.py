@@ -14,21 +14,37 @@ COLUMNS = ["checkpoint", "source", "control", "layer", "module", "depth", "chann
            "cluster_name", "cosine", "classified", "classified_tau", "dead", "status"]
 
 
-def load_summary(run: str | Path) -> tuple[dict, Path]:
-    """A run's summary from its folder or its ``summary.json``; returns (summary, run folder)."""
+def load_summary(run: str | Path, store: str | Path | None = None) -> tuple[dict, Path]:
+    """A run's summary; returns (summary, run folder).
+
+    ``run`` is a run folder (``runs/<run_id>``), its ``summary.json``, or a run id of ``store``: the
+    summary is then built from the store alone (``dwk.pipeline.summary_from_store``), also for a
+    run that has not finished (its finished groups).
+    """
     path = Path(run)
     if path.is_dir():
         path = path / "summary.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no summary at {path}: give a run folder (runs/<run_id>) or its summary.json")
-    return json.loads(path.read_text()), path.parent
+    if path.is_file():
+        return json.loads(path.read_text()), path.parent
+    if store is not None and Path(store).exists():
+        from dwk.pipeline import summary_from_store
+
+        ks = KernelStore(store, create=False)
+        if str(run) in ks.run_ids():
+            summary = summary_from_store(ks, str(run))
+            return summary, Path(summary["out"])
+    raise FileNotFoundError(f"no run folder or summary.json at {run}" + (f", and no run {str(run)!r} in {store}" if store
+                            else "") + ": give a run folder (runs/<run_id>), its summary.json, or a run id with --store")
 
 
-def kernels_table(run: str | Path):
+def kernels_table(run: str | Path, store: str | Path | None = None):
     """One row per kernel of a run (every shape group), as a pandas DataFrame."""
+    return _kernels_frame(load_summary(run, store)[0])
+
+
+def _kernels_frame(summary: dict):
     import pandas as pd
 
-    summary, _ = load_summary(run)
     store = KernelStore(summary["store"], create=False)
     frames = [kernel_frame(store, summary["run_id"], shape, s) for shape, s in summary["shapes"].items()]
     df = pd.concat(frames, ignore_index=True)
@@ -38,13 +54,15 @@ def kernels_table(run: str | Path):
     return df[COLUMNS]
 
 
-def export_run(run: str | Path, output: str | Path | None = None, fmt: str = "parquet") -> Path:
+def export_run(run: str | Path, output: str | Path | None = None, fmt: str = "parquet",
+               store: str | Path | None = None) -> Path:
     """Write the per-kernel table of a run to Parquet (default) or CSV; returns the file written."""
     if fmt not in ("parquet", "csv"):
         raise ValueError(f"export format must be 'parquet' or 'csv', not {fmt!r}")
-    df = kernels_table(run)
-    _, folder = load_summary(run)
+    summary, folder = load_summary(run, store)
+    df = _kernels_frame(summary)
     out = Path(output) if output else folder / f"kernels.{fmt}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     if fmt == "parquet":
         df.to_parquet(tmp, index=False)

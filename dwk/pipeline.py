@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dwk import sources
+from dwk import results, sources
 from dwk.config import CheckpointSpec, DaskConfig, RunConfig
 from dwk.errors import CheckpointsFailedError, NoDepthwiseError
 from dwk.extract import (
@@ -133,18 +133,47 @@ def analysis_groups(ckpts: list[dict], shapes_of: dict[str, dict], regular: bool
     return groups
 
 
-def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_id: str | None) -> list[str]:
-    """Register a run over the checkpoints that extracted; returns its analysis groups (see ``analysis_groups``)."""
+def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_id: str | None,
+                failed: list[dict] | None = None, *, resume: bool = False) -> list[str]:
+    """Register a run over the checkpoints that extracted; returns its analysis groups (see ``analysis_groups``).
+
+    With ``resume`` the run's store group is kept: a group whose checkpoints are the same, from the
+    same weights (fingerprints), keeps its finished stages; any other group starts again.
+    """
     store = KernelStore(cfg.store, create=False)
     by_id = {c.id: c for c in cfg.checkpoints}
     ckpts = []
     for e in extracted:
         control = sources.is_control(by_id[e["id"]])
-        ckpts.append(dict(id=e["id"], source=e["source"], control=control, role=role_of(e["source"], control)))
+        ckpts.append(dict(id=e["id"], source=e["source"], control=control, role=role_of(e["source"], control),
+                          fingerprint=e.get("fingerprint")))
     groups = analysis_groups(ckpts, {e["id"]: e["shapes"] for e in extracted}, cfg.controls.regular)
-    store.create_run(run_id, dict(config=cfg.model_dump(mode="json"), checkpoints=ckpts, groups=groups,
-                                  mlflow_run_id=mlflow_run_id, offsets={}))
+    meta = dict(checkpoints=ckpts, groups=groups, mlflow_run_id=mlflow_run_id, failed=list(failed or []),
+                extraction={e["id"]: e["status"] for e in extracted})
+    if not resume:
+        store.create_run(run_id, dict(config=cfg.model_dump(mode="json"), offsets={}, **meta))
+        return list(groups)
+    old = store.run_meta(run_id)
+    fingerprints = {c["id"]: c.get("fingerprint") for c in old["checkpoints"]}
+    for group, ids in groups.items():
+        same = old["groups"].get(group) == ids and all(fingerprints.get(i) == c["fingerprint"]
+                                                       for i, c in ((c["id"], c) for c in ckpts if c["id"] in ids))
+        if not same and any(store.stage_record(run_id, group, s) for s in STAGES):
+            logger.info("run %s, group %s: its checkpoints changed since the run started: analysed again", run_id, group)
+            store.clear_stages(run_id, group)
+    store.update_run_meta(run_id, **meta)
     return list(groups)
+
+
+def resume_config(store_path: Path, run_id: str) -> RunConfig:
+    """The config an unfinished run started with; this process becomes the run's writer.
+
+    ``StoreError`` when the run is finished, or another live process writes it.
+    """
+    store = KernelStore(store_path, create=False)
+    meta = store.claim_run(run_id)
+    logger.info("resuming run %s (resumed %d time(s)); stages it finished are skipped", run_id, meta["resumed"])
+    return RunConfig.model_validate(meta["config"])
 
 
 @contextlib.contextmanager
@@ -166,6 +195,16 @@ def dask_client(cfg: DaskConfig) -> Iterator[Any]:
         yield client
 
 
+# The analysis stages of one group, in order (the one place that says it). Each records itself in
+# the store after its outputs are written; a stage with a record is skipped (a resumed run), and a
+# stage that runs drops the records of the stages after it.
+STAGES = ("normalize", "train", "cluster")
+
+
+def _after(stage: str) -> tuple[str, ...]:
+    return STAGES[STAGES.index(stage) + 1:]
+
+
 def normalize_run(cfg: RunConfig, run_id: str, client=None) -> dict[str, dict]:
     """Normalise every shape group of a run with Dask; returns per-shape counts."""
     from dwk.normalize import normalize_shape
@@ -174,63 +213,119 @@ def normalize_run(cfg: RunConfig, run_id: str, client=None) -> dict[str, dict]:
     meta = store.run_meta(run_id)
     out = {}
     for shape, ids in meta["groups"].items():
+        done = store.stage_record(run_id, shape, "normalize")
+        if done:
+            logger.info("%s: normalised already (run %s), skipped", shape, run_id)
+            out[shape] = {k: v for k, v in done.items() if k != "at"}
+            continue
         res = normalize_shape(store, run_id, shape, ids, cfg.normalize, chunk_kernels=cfg.normalize.chunk_kernels,
                               client=client)
         out[shape] = dict(n_kernels=res.n_kernels, n_nonfinite=res.n_nonfinite, n_dead=res.n_dead,
                           per_checkpoint=res.per_checkpoint)
+        store.record_stage(run_id, shape, "normalize", out[shape], clear=_after("normalize"))
     return out
+
+
+def normalize_stage(cfg: RunConfig, run_id: str) -> dict[str, dict]:
+    """``normalize_run`` on the config's Dask cluster, started only when a group is left to normalise."""
+    store = KernelStore(cfg.store, create=False)
+    if all(store.stage_record(run_id, g, "normalize") for g in store.run_meta(run_id)["groups"]):
+        return normalize_run(cfg, run_id)  # every group skipped: no cluster needed
+    with dask_client(cfg.dask) as client:
+        return normalize_run(cfg, run_id, client)
 
 
 def run_dir(cfg: RunConfig, run_id: str) -> Path:
     return cfg.out / run_id
 
 
+def trained_model(cfg: RunConfig, run_id: str, shape: str) -> str | None:
+    """The path of a group's trained autoencoder when training finished and the file is the one saved."""
+    from dwk import analysis
+
+    done = KernelStore(cfg.store, create=False).stage_record(run_id, shape, "train")
+    path = analysis.model_path(run_dir(cfg, run_id) / "models", shape)
+    if not done or not path.is_file() or sources.sha256_file(path) != done.get("sha256"):
+        return None
+    return str(path)
+
+
 def train_shape(cfg: RunConfig, run_id: str, shape: str, mlflow_run_id: str | None = None) -> str:
     """Train one shape's autoencoder; per-epoch loss to MLflow; returns the saved model's path."""
     from dwk import analysis
 
+    have = trained_model(cfg, run_id, shape)
+    if have:
+        logger.info("%s: trained already (run %s), skipped", shape, run_id)
+        return have
     on_epoch, flush = (None, lambda: None)
     if mlflow_run_id:
         from dwk import tracking
 
         on_epoch, flush = tracking.epoch_logger(mlflow_run_id, f"loss_{shape}")
-    path, losses = analysis.train_shape(KernelStore(cfg.store, create=False), run_id, shape, cfg, run_dir(cfg, run_id) / "models",
-                                        on_epoch=on_epoch)
+    store = KernelStore(cfg.store, create=False)
+    path, losses = analysis.train_shape(store, run_id, shape, cfg, run_dir(cfg, run_id) / "models", on_epoch=on_epoch)
     flush()
     if mlflow_run_id:
         from dwk import tracking
 
         tracking.log_metrics(mlflow_run_id, {f"final_loss_{shape}": losses[-1]})
+    store.record_stage(run_id, shape, "train", dict(path=str(path), sha256=sources.sha256_file(path),
+                                                    epochs=len(losses), final_loss=float(losses[-1])),
+                       clear=_after("train"))
     return str(path)
 
 
 def cluster_shape(cfg: RunConfig, run_id: str, shape: str, model_path: str) -> dict:
+    """Cluster, name and classify one group; its result record goes to the store and is returned."""
     from dwk import analysis
 
-    return analysis.cluster_shape(KernelStore(cfg.store, create=False), run_id, shape, cfg, Path(model_path))
+    store = KernelStore(cfg.store, create=False)
+    if store.stage_record(run_id, shape, "cluster") and store.result(run_id, shape) is not None:
+        logger.info("%s: clustered already (run %s), skipped", shape, run_id)
+        return results.read_record(store.result(run_id, shape), f"run {run_id}, group {shape}")
+    record = results.record_of(analysis.cluster_shape(store, run_id, shape, cfg, Path(model_path)))
+    store.write_result(run_id, shape, record)
+    store.record_stage(run_id, shape, "cluster", dict(n_clusters=len(record["clusters"])), clear=_after("cluster"))
+    return record
 
 
 # ----------------------------------------------------------------------------- report
-def _json_default(o: Any) -> Any:
-    import numpy as np
+def summary_from_store(store: KernelStore, run_id: str) -> dict:
+    """A run's summary (tables, controls, per-group results) from the store alone.
 
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, (np.ndarray, Path)):
-        return o.tolist() if isinstance(o, np.ndarray) else str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+    ``summary.json`` is this view, written when the run finishes; ``dwk show`` and ``dwk export``
+    build it from the store, so they need no run folder. Groups whose clustering has not finished
+    are left out.
+    """
+    from dwk import analysis, report
+
+    meta = store.run_meta(run_id)
+    cfg = RunConfig.model_validate(meta["config"])
+    shapes = {g: results.read_record(store.result(run_id, g), f"run {run_id}, group {g}")
+              for g in meta["groups"] if store.stage_record(run_id, g, "cluster") and store.result(run_id, g)}
+    rows, layer_rows = analysis.checkpoint_tables(store, run_id, shapes)
+    status = meta.get("extraction") or {}
+    for r in rows:
+        r["extraction"] = status.get(r["id"])
+    summary = dict(
+        run_id=run_id,
+        mlflow_run_id=meta.get("mlflow_run_id"),
+        store=str(store.path.resolve()),
+        out=str(run_dir(cfg, run_id).resolve()),
+        config=meta["config"],
+        checkpoints=rows,
+        failed=meta.get("failed") or [],
+        shapes=shapes,
+        layers=layer_rows,
+        finished=bool(meta.get("finished")),
+    )
+    summary["controls"] = report.controls_rows(summary)
+    return summary
 
 
-def finalize(
-    cfg: RunConfig,
-    run_id: str,
-    shape_summaries: dict[str, dict],
-    model_paths: dict[str, str],
-    failures: list[dict],
-    extracted: list[dict],
-    mlflow_run_id: str | None,
-) -> dict:
-    """Tables, figures, ``summary.json`` and the MLflow record of a finished run."""
+def finalize(cfg: RunConfig, run_id: str, model_paths: dict[str, str], mlflow_run_id: str | None) -> dict:
+    """Tables, figures, ``summary.json`` and the MLflow record of a run whose groups are all clustered."""
     import matplotlib.pyplot as plt
 
     from dwk import analysis, report
@@ -238,21 +333,14 @@ def finalize(
     store = KernelStore(cfg.store, create=False)
     out = run_dir(cfg, run_id)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    rows, layer_rows = analysis.checkpoint_tables(store, run_id, shape_summaries)
-    status = {e["id"]: e["status"] for e in extracted}
-    for r in rows:
-        r["extraction"] = status.get(r["id"])
-    summary = dict(
-        run_id=run_id,
-        mlflow_run_id=mlflow_run_id,
-        store=str(cfg.store.resolve()),
-        out=str(out.resolve()),
-        config=cfg.model_dump(mode="json"),
-        checkpoints=rows,
-        failed=failures,
-        shapes=shape_summaries,
-        layers=layer_rows,
-    )
+    summary = summary_from_store(store, run_id)
+    missing = [g for g in store.run_meta(run_id)["groups"] if g not in summary["shapes"]]
+    if missing:
+        raise RuntimeError(f"run {run_id}: groups {missing} have no result in the store; the cluster stage must run first")
+    summary["finished"] = True
+    shape_summaries, rows, layer_rows, failures = (summary["shapes"], summary["checkpoints"], summary["layers"],
+                                                   summary["failed"])
+    controls = summary["controls"]
     figures = {}
     for shape, s in shape_summaries.items():
         figures[f"gallery-{shape}.png"] = report.gallery(s)
@@ -266,11 +354,9 @@ def finalize(
     figures["tau-curve-checkpoints.png"] = report.checkpoint_tau_curves(rows, analysis.TAU_GRID.tolist())
     if any(s.startswith(REGULAR_PREFIX) for s in shape_summaries):
         figures["depth-depthwise-vs-regular.png"] = report.depth_comparison(layer_rows)
-    controls = report.controls_rows(summary)
-    summary["controls"] = controls
     for name, fig in figures.items():
         fig.savefig(out / "figures" / name, dpi=110)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=results.jsonable))
     (out / "checkpoints.txt").write_text(report.checkpoint_table_text(rows + failures) + "\n")
     (out / "controls.txt").write_text(report.controls_text(controls) + "\n")
 
@@ -320,17 +406,23 @@ def finalize(
 
 
 # ----------------------------------------------------------------------------- all together
-def run(cfg: RunConfig, *, track: bool = True) -> dict:
+def run(cfg: RunConfig, *, track: bool = True, resume: str | None = None) -> dict:
     """The whole pipeline in this process, without Prefect (the flows do the same, task by task).
 
     A checkpoint that fails is recorded in ``failed`` and the others go on (as in the flows);
     ``CheckpointsFailedError`` when none extracted. The MLflow run (``track``) ends FINISHED, or
     FAILED / KILLED whatever stops the analysis (``tracking.closed_on_error``).
+
+    ``resume``: the id of an unfinished run in ``cfg.store`` (killed, failed, stopped): it goes on
+    with the config it started with, under the same run id and MLflow run, and skips every stage
+    that finished (``STAGES``); checkpoints are extracted again only where the store lacks them.
     """
     from dwk import tracking
 
     if track:
         tracking.preflight()  # in seconds, before any work
+    if resume:
+        cfg = resume_config(cfg.store, resume)
     dpath = data_dir(cfg)
     extracted, failures = [], []
     for spec in cfg.checkpoints:
@@ -344,12 +436,23 @@ def run(cfg: RunConfig, *, track: bool = True) -> dict:
             failures.append(dict(id=spec.id, source=sources.kind_of(spec), error=f"{type(e).__name__}: {e}"))
     if not extracted:
         raise CheckpointsFailedError(failures)
-    run_id = new_run_id(cfg)
-    mlflow_run_id = tracking.start_run(cfg.experiment, run_id, cfg.flat_params(), {"dwk.run_id": run_id}) if track else None
+    run_id = resume or new_run_id(cfg)
+    mlflow_run_id = open_tracking(cfg, run_id, resume) if track else None
     with tracking.closed_on_error(mlflow_run_id):
-        shapes = prepare_run(cfg, run_id, extracted, mlflow_run_id)
-        with dask_client(cfg.dask) as client:
-            normalize_run(cfg, run_id, client)
+        shapes = prepare_run(cfg, run_id, extracted, mlflow_run_id, failures, resume=bool(resume))
+        normalize_stage(cfg, run_id)
         models = {s: train_shape(cfg, run_id, s, mlflow_run_id) for s in shapes}
-        summaries = {s: cluster_shape(cfg, run_id, s, models[s]) for s in shapes}
-        return finalize(cfg, run_id, summaries, models, failures, extracted, mlflow_run_id)
+        for s in shapes:
+            cluster_shape(cfg, run_id, s, models[s])
+        return finalize(cfg, run_id, models, mlflow_run_id)
+
+
+def open_tracking(cfg: RunConfig, run_id: str, resume: str | None, tags: dict[str, str] | None = None) -> str:
+    """The MLflow run of a dwk run: a new one, or, resuming, the one it started (a new one if that is gone)."""
+    from dwk import tracking
+
+    if resume:
+        old = KernelStore(cfg.store, create=False).run_meta(run_id).get("mlflow_run_id")
+        if old and tracking.reopen_run(old, tags):
+            return old
+    return tracking.start_run(cfg.experiment, run_id, cfg.flat_params(), {"dwk.run_id": run_id, **(tags or {})})

@@ -14,10 +14,13 @@ Schema (``SCHEMA_VERSION``)::
       checkpoints/.tmp-<key>-<uuid>/      a checkpoint being written (attrs.dwk_writer = {host, pid, started})
       checkpoints/.old-<key>-<uuid>/      a stale copy moved aside by the writer replacing it (deleted by it)
       checkpoints/.damaged-<key>-<time>/  a damaged copy moved aside by ``dwk verify --repair`` (kept to inspect)
-      runs/<run_id>/                      attrs.dwk = {config, checkpoints, groups, offsets, dwk_writer, finished}
-        <shape>/normalized (kernel, tap)  float32 normalised, flattened kernels of all checkpoints
-        <shape>/status     (kernel,)      int8    0 ok, 1 non-finite, 2 dead
-        <shape>/code, cluster, cosine     written by the analysis
+      runs/<run_id>/                      attrs.dwk = {config, checkpoints, groups, offsets, failed,
+                                                       mlflow_run_id, dwk_writer, finished, resumed}
+        <group>/                          attrs.dwk_stages = {stage: record} of its finished stages
+                                          attrs.dwk_result = its result record (dwk.results.GroupResult)
+        <group>/normalized (kernel, tap)  float32 normalised, flattened kernels of all checkpoints
+        <group>/status     (kernel,)      int8    0 ok, 1 non-finite, 2 dead
+        <group>/code, cluster, cosine, prototypes   written by the analysis
 
 Names that start with ``.`` are never checkpoints: readers go by key and ``dwk verify`` skips them.
 
@@ -84,7 +87,9 @@ SCHEMA_VERSION = 2
 STATUS_OK, STATUS_NONFINITE, STATUS_DEAD = 0, 1, 2
 
 RECORD_KEY = "dwk_complete"  # the completion record's attribute on a checkpoint group
-WRITER_KEY = "dwk_writer"  # who writes a temporary checkpoint: {host, pid, pidns, started}
+WRITER_KEY = "dwk_writer"  # who writes a temporary checkpoint or a run: {host, pid, pidns, started}
+STAGES_KEY = "dwk_stages"  # on a run's group: {stage: record} of the stages that finished for it
+RESULT_KEY = "dwk_result"  # on a run's group: its result record (dwk.results.GroupResult)
 TMP_PREFIX, OLD_PREFIX, DAMAGED_PREFIX = ".tmp-", ".old-", ".damaged-"
 # A temporary checkpoint whose writer cannot be checked (another host) is removed after this long.
 # Generous on purpose: removing a live writer's folder makes its publication fail (it says so),
@@ -733,6 +738,9 @@ class KernelStore:
         self._run(run_id)  # a clear KeyError for an unknown run
         del self.root["runs"][run_id]
 
+    def run_ids(self) -> list[str]:
+        return sorted(self.root["runs"].group_keys())
+
     def run_meta(self, run_id: str) -> dict[str, Any]:
         return dict(self._run(run_id).attrs.get("dwk") or {})
 
@@ -741,6 +749,61 @@ class KernelStore:
         meta = dict(g.attrs.get("dwk") or {})
         meta.update(items)
         g.attrs["dwk"] = meta
+
+    def claim_run(self, run_id: str) -> dict[str, Any]:
+        """Make this process the writer of an unfinished run (to resume it); returns its metadata.
+
+        Refused while the run's recorded writer is alive on this host (two processes must never
+        write one run), and for a finished run (nothing to resume).
+        """
+        meta = self.run_meta(run_id)
+        writer = meta.get(WRITER_KEY)
+        if meta.get("finished"):
+            raise StoreError(f"run {run_id!r} in {self.path} is finished: nothing to resume "
+                             "(`dwk show` prints it; `dwk run` starts a new run)")
+        if _writer_state(writer) == "alive" and writer.get("pid") != os.getpid():
+            raise StoreError(f"run {run_id!r} is being written by process {writer['pid']} on {writer['host']}; "
+                             "wait for it to end (or stop it) before resuming")
+        me = dict(host=socket.gethostname(), pid=os.getpid(), pidns=_pid_namespace(), started=time.time())
+        self.update_run_meta(run_id, **{WRITER_KEY: me, "resumed": int(meta.get("resumed") or 0) + 1})
+        return self.run_meta(run_id)
+
+    # Stage records: what a stage of a run wrote for one analysis group, recorded after its outputs,
+    # so a resumed run skips the stages that have one. The stage order is the pipeline's.
+    def _group_of(self, run_id: str, group: str) -> zarr.Group:
+        g = self._run(run_id)
+        return g[group] if group in g else g.create_group(group)
+
+    def stage_record(self, run_id: str, group: str, stage: str) -> dict[str, Any] | None:
+        """The record of a finished stage of one group of a run (None when it has not finished)."""
+        g = self._run(run_id)
+        if group not in g:
+            return None
+        return dict(g[group].attrs.get(STAGES_KEY) or {}).get(stage)
+
+    def record_stage(self, run_id: str, group: str, stage: str, info: dict[str, Any], *,
+                     clear: tuple[str, ...] = ()) -> None:
+        """Record that ``stage`` finished for ``group`` (after its outputs are written); drop the
+        records of ``clear`` (the later stages, whose outputs are now stale)."""
+        g = self._group_of(run_id, group)
+        stages = {k: v for k, v in dict(g.attrs.get(STAGES_KEY) or {}).items() if k not in clear}
+        stages[stage] = {**info, "at": time.time()}
+        g.attrs[STAGES_KEY] = stages
+
+    def clear_stages(self, run_id: str, group: str) -> None:
+        """Forget every finished stage of a group (its inputs changed): the next run redoes them."""
+        g = self._run(run_id)
+        if group in g and STAGES_KEY in g[group].attrs:
+            del g[group].attrs[STAGES_KEY]
+
+    def write_result(self, run_id: str, group: str, record: dict[str, Any]) -> None:
+        """Store a group's result record (``dwk.results.GroupResult`` as JSON) under the run."""
+        self._group_of(run_id, group).attrs[RESULT_KEY] = record
+
+    def result(self, run_id: str, group: str) -> dict[str, Any] | None:
+        """A group's stored result record, as written (``dwk.results.read_record`` checks it)."""
+        g = self._run(run_id)
+        return g[group].attrs.get(RESULT_KEY) if group in g else None
 
     def create_run_array(self, run_id: str, shape: str, name: str, array_shape: tuple[int, ...], dtype, chunk_kernels: int,
                          dims: tuple[str, ...]) -> zarr.Array:

@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (8000 chars in 3.x); longer values are cut
 PREFLIGHT_TIMEOUT_S = float(os.environ.get("DWK_MLFLOW_PREFLIGHT_TIMEOUT_S", "5"))
-TAG_HOST, TAG_PID, TAG_PID_START, TAG_FLOW_RUN, TAG_END_REASON = (
-    "dwk.host", "dwk.pid", "dwk.pid_start", "prefect.flow_run_id", "dwk.end_reason")
+TAG_HOST, TAG_PID, TAG_PID_START, TAG_FLOW_RUN, TAG_END_REASON, TAG_RESUMED = (
+    "dwk.host", "dwk.pid", "dwk.pid_start", "prefect.flow_run_id", "dwk.end_reason", "dwk.resumed")
 
 _open_runs: set[str] = set()  # runs this process started and has not ended
 _open_lock = threading.Lock()
@@ -201,6 +201,34 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params at a time
         c.log_batch(run_id, params=items[i:i + 100])
     return run_id
+
+
+def reopen_run(run_id: str, tags: dict[str, str] | None = None) -> bool:
+    """Set an ended (or left RUNNING) run RUNNING again for a resumed dwk run; False when it is gone.
+
+    It is tagged with this process (``dwk.host``, ``dwk.pid``) and ``dwk.resumed`` (how often);
+    its metrics, params and artifacts stay, so the resumed run adds to them.
+    """
+    c = client()
+    try:
+        run = c.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        logger.warning("MLflow run %s of the resumed run is not in %s: a new MLflow run is started", run_id,
+                       _redact(tracking_uri()))
+        return False
+    if run.info.lifecycle_stage == "deleted":
+        logger.warning("MLflow run %s of the resumed run was deleted: a new MLflow run is started", run_id)
+        return False
+    resumed = int(run.data.tags.get(TAG_RESUMED, "0")) + 1
+    for k, v in (process_tags() | (tags or {}) | {TAG_RESUMED: str(resumed)}).items():
+        c.set_tag(run_id, k, v)
+    if TAG_END_REASON in run.data.tags:  # why it ended before; no longer true
+        c.delete_tag(run_id, TAG_END_REASON)
+    c.update_run(run_id, status="RUNNING")
+    with _open_lock:
+        _open_runs.add(run_id)
+    logger.info("MLflow run %s reopened (resumed %d time(s))", run_id, resumed)
+    return True
 
 
 def end_run(run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:

@@ -12,8 +12,9 @@ from tasks import cluster_task, finalize_task, normalize_task, prepare_run_task,
 
 def _train(config: RunConfig, run_id: str, shape: str, mlflow_run_id: str | None) -> str:
     """Train in this process, or on the GPU pool through ``config.train_deployment``."""
-    if not config.train_deployment:
-        return train_flow(config, run_id, shape, mlflow_run_id)
+    have = pipeline.trained_model(config, run_id, shape)  # a resumed run
+    if have or not config.train_deployment:
+        return have or train_flow(config, run_id, shape, mlflow_run_id)
     fr = run_deployment(config.train_deployment, timeout=config.train_timeout_s,
                         parameters=dict(config=config.model_dump(mode="json"), run_id=run_id, shape=shape,
                                         mlflow_run_id=mlflow_run_id))
@@ -28,17 +29,20 @@ def _train(config: RunConfig, run_id: str, shape: str, mlflow_run_id: str | None
 
 @flow(name="dwk-analyze")
 def analyze_flow(config: RunConfig, run_id: str, extracted: list[dict], failed: list[dict] | None = None,
-                 mlflow_run_id: str | None = None) -> dict:
+                 mlflow_run_id: str | None = None, resume: bool = False) -> dict:
+    """Analyse ``extracted`` as run ``run_id``; ``resume``: go on with that unfinished run, skipping
+    the stages it finished (``dwk.pipeline.STAGES``)."""
     log = get_run_logger()
-    shapes = prepare_run_task(config, run_id, extracted, mlflow_run_id)
+    shapes = prepare_run_task(config, run_id, extracted, mlflow_run_id, failed or [], resume)
     log.info("run %s: %d checkpoints, shapes %s", run_id, len(extracted), shapes)
     normalize_task(config, run_id)
     models = {}
     for i, shape in enumerate(shapes):
         models[shape] = _train(config, run_id, shape, mlflow_run_id)
         log.info("trained %d/%d shape groups", i + 1, len(shapes))
-    futures = {s: cluster_task.submit(config, run_id, s, models[s]) for s in shapes}
-    summaries = {s: f.result() for s, f in futures.items()}
-    summary = finalize_task(config, run_id, summaries, models, failed or [], extracted, mlflow_run_id)
+    futures = [cluster_task.submit(config, run_id, s, models[s]) for s in shapes]
+    for f in futures:
+        f.result()  # each writes its group's result record to the store
+    summary = finalize_task(config, run_id, models, mlflow_run_id)
     publish_task(summary)
     return summary

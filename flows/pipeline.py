@@ -11,11 +11,15 @@ from tasks import start_tracking_task
 
 
 @flow(name="dwk-pipeline")
-def pipeline_flow(config: RunConfig, track: bool = True) -> dict:
+def pipeline_flow(config: RunConfig, track: bool = True, resume: str | None = None) -> dict:
+    """Extract, then analyse as one run. ``resume``: the id of an unfinished run in ``config.store``,
+    which goes on with the config it started with and skips what it finished (``dwk.pipeline.run``)."""
     if track:
         tracking.preflight()  # in seconds, before any work
+    if resume:
+        config = pipeline.resume_config(config.store, resume)
     result = bounded(config)(config)
-    run_id = pipeline.new_run_id(config)
-    mlflow_run_id = start_tracking_task(config, run_id) if track else None
+    run_id = resume or pipeline.new_run_id(config)
+    mlflow_run_id = start_tracking_task(config, run_id, bool(resume)) if track else None
     with tracking.closed_on_error(mlflow_run_id):  # FAILED on an error, KILLED on Ctrl-C / SIGTERM
-        return analyze_flow(config, run_id, result["extracted"], result["failed"], mlflow_run_id)
+        return analyze_flow(config, run_id, result["extracted"], result["failed"], mlflow_run_id, bool(resume))

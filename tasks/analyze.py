@@ -18,25 +18,24 @@ def _not_tracking_error(task, task_run, state) -> bool:
 
 @task(name="start-tracking", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3,
       retry_condition_fn=_not_tracking_error)
-def start_tracking_task(config: RunConfig, run_id: str) -> str:
-    """Open the MLflow run, tagged with the Prefect flow run it belongs to (and host, pid)."""
+def start_tracking_task(config: RunConfig, run_id: str, resume: bool = False) -> str:
+    """Open the MLflow run (resuming: reopen the run's own), tagged with the Prefect flow run it
+    belongs to (and host, pid)."""
     from prefect.runtime import flow_run
 
-    tags = {"dwk.run_id": run_id}
-    if flow_run.get_id():
-        tags["prefect.flow_run_id"] = str(flow_run.get_id())
-    return tracking.start_run(config.experiment, run_id, config.flat_params(), tags)
+    tags = {"prefect.flow_run_id": str(flow_run.get_id())} if flow_run.get_id() else {}
+    return pipeline.open_tracking(config, run_id, run_id if resume else None, tags)
 
 
 @task(name="prepare-run", cache_policy=NO_CACHE)
-def prepare_run_task(config: RunConfig, run_id: str, extracted: list[dict], mlflow_run_id: str | None) -> list[str]:
-    return pipeline.prepare_run(config, run_id, extracted, mlflow_run_id)
+def prepare_run_task(config: RunConfig, run_id: str, extracted: list[dict], mlflow_run_id: str | None,
+                     failed: list[dict], resume: bool = False) -> list[str]:
+    return pipeline.prepare_run(config, run_id, extracted, mlflow_run_id, failed, resume=resume)
 
 
 @task(name="normalize", cache_policy=NO_CACHE)
 def normalize_task(config: RunConfig, run_id: str) -> dict:
-    with pipeline.dask_client(config.dask) as client:
-        return pipeline.normalize_run(config, run_id, client)
+    return pipeline.normalize_stage(config, run_id)
 
 
 @task(name="cluster", task_run_name="cluster {shape}", cache_policy=NO_CACHE)
@@ -45,9 +44,8 @@ def cluster_task(config: RunConfig, run_id: str, shape: str, model_path: str) ->
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def finalize_task(config: RunConfig, run_id: str, shapes: dict, models: dict, failures: list, extracted: list,
-                  mlflow_run_id: str | None) -> dict:
-    return pipeline.finalize(config, run_id, shapes, models, failures, extracted, mlflow_run_id)
+def finalize_task(config: RunConfig, run_id: str, models: dict, mlflow_run_id: str | None) -> dict:
+    return pipeline.finalize(config, run_id, models, mlflow_run_id)
 
 
 @task(name="publish", cache_policy=NO_CACHE)

@@ -71,3 +71,30 @@ def test_flow_run_is_in_mlflow(flow_run):
 
     assert run.data.tags["dwk.host"] == socket.gethostname() and run.data.tags["dwk.pid"] == str(os.getpid())
     assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+
+
+def test_pipeline_flow_resumes_an_unfinished_run(flow_run):
+    """Under Prefect too: a run stopped before clustering one group goes on with `resume`, reuses the
+    trained models and the other groups' results, and ends in the same MLflow run. (Last in this
+    file: it turns the module's run into a resumed one.)"""
+    from dwk import tracking
+    from dwk.store import KernelStore
+    from flows.pipeline import pipeline_flow
+
+    cfg, state = flow_run
+    before = state.result()
+    run_id = before["run_id"]
+    store = KernelStore(cfg.store, create=False)
+    models = {p: p.stat().st_mtime_ns for p in (cfg.out / run_id / "models").iterdir()}
+    # As if the process had died after training, before clustering 7x7 (the store's view of it).
+    store.record_stage(run_id, "7x7", "train", store.stage_record(run_id, "7x7", "train"), clear=("cluster",))
+    store.update_run_meta(run_id, finished=None)
+    # The config given is only where the store is: the run goes on with the config it started with.
+    after = pipeline_flow(cfg.model_copy(update=dict(name="other")), resume=run_id)
+    assert after["run_id"] == run_id and after["finished"]
+    assert after["shapes"]["7x7"] == before["shapes"]["7x7"]  # clustered again, the same
+    assert {p: p.stat().st_mtime_ns for p in (cfg.out / run_id / "models").iterdir()} == models  # not retrained
+    assert [f["id"] for f in after["failed"]] == ["corrupt"]
+    run = tracking.client().get_run(before["mlflow_run_id"])
+    assert after["mlflow_run_id"] == before["mlflow_run_id"]
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_RESUMED] == "1"
