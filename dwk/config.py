@@ -299,7 +299,9 @@ class RunConfig(_Strict):
     out: Path = Path("runs")
     experiment: str = "dwk"
     max_workers: int = Field(2, ge=1)
-    retries: int = Field(1, ge=0)
+    retries: int = Field(2, ge=0, description="retries of a checkpoint whose extraction failed for a reason "
+                         "other than bad input (a download that got no answer, an I/O error): dwk.retry")
+    retry_backoff_s: float = Field(2.0, ge=0, description="the first retry's delay; doubled for each next one")
     chunk_kernels: int = Field(16384, gt=0)  # kernels per Zarr chunk (about 3 MB of 7x7 float32)
     normalize: NormalizeConfig = NormalizeConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
@@ -328,7 +330,7 @@ class RunConfig(_Strict):
 
     def fingerprint(self) -> str:
         """A short hash of the analysis-relevant config (not paths), for run ids and comparisons."""
-        payload = self.model_dump(mode="json", exclude={"store", "out", "dask", "max_workers", "retries",
+        payload = self.model_dump(mode="json", exclude={"store", "out", "dask", "max_workers", "retries", "retry_backoff_s",
                                                          "train_deployment", "train_timeout_s"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -38,6 +38,14 @@ class CheckpointError(DwkError, RuntimeError):
         return type(self), (self.ckpt_id, self.reason)
 
 
+class TransientError(CheckpointError):
+    """A checkpoint failed for a reason retrying may fix: the network, an overloaded server.
+
+    The one retry layer (``dwk.retry``: Prefect's task retries, or ``dwk.retry.call`` without
+    Prefect) retries it; every other ``CheckpointError`` is final.
+    """
+
+
 class NoDepthwiseError(DwkError, ValueError):
     """The model or file holds no depthwise convolution: nothing to analyse."""
 

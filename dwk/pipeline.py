@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dwk import results, sources
+from dwk import results, retry, sources
 from dwk.config import CheckpointSpec, DaskConfig, RunConfig
 from dwk.errors import CheckpointsFailedError, NoDepthwiseError
 from dwk.extract import (
@@ -427,7 +427,9 @@ def run(cfg: RunConfig, *, track: bool = True, resume: str | None = None) -> dic
     extracted, failures = [], []
     for spec in cfg.checkpoints:
         try:
-            extracted.append(extract_checkpoint(spec, cfg.store, dpath, cfg.chunk_kernels, regular_max_per_layer(cfg)))
+            extracted.append(retry.call(extract_checkpoint, spec, cfg.store, dpath, cfg.chunk_kernels,
+                                        regular_max_per_layer(cfg), retries=cfg.retries,
+                                        backoff_s=cfg.retry_backoff_s, what=spec.id))
         except sources.CheckpointError as e:
             logger.error("%s", e)
             failures.append(dict(id=spec.id, source=sources.kind_of(spec), error=e.reason))

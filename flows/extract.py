@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dwk import pipeline, sources
+from dwk import pipeline, retry, sources
 from dwk.config import RunConfig
 from dwk.errors import CheckpointsFailedError
 from tasks import extract_checkpoint_task
@@ -18,7 +18,8 @@ def extract_flow(config: RunConfig) -> dict:
     task runner: ``bounded(config)`` gives this flow ``config.max_workers`` threads.
     """
     log = get_run_logger()
-    task = extract_checkpoint_task.with_options(retries=config.retries)
+    task = extract_checkpoint_task.with_options(retries=config.retries,
+                                                retry_delay_seconds=retry.delays(config.retries, config.retry_backoff_s))
     futures = task.map(config.checkpoints, config.store, pipeline.data_dir(config), config.chunk_kernels,
                        pipeline.regular_max_per_layer(config))
     extracted, failed = [], []

@@ -60,6 +60,7 @@ def tiny_config(tmp_path: Path, **overrides):
         autoencoder=dict(epochs=15, batch_size=128),
         cluster=dict(n_init_clusters=24, n_null=2000),
         dask=dict(n_workers=1),
+        retry_backoff_s=0.1,  # internal errors are retried (dwk.retry): quickly, in tests
     )
     base.update(overrides)
     return RunConfig.model_validate(base)

@@ -183,9 +183,16 @@ def test_offline_uses_the_hub_cache_only(tmp_path, monkeypatch):
     assert rec["hub"]["repo_id"] == "timm/test_convnext.r160_in1k"
 
 
-def test_downloads_retry_with_backoff_then_resume(tmp_path, monkeypatch):
+def test_one_retry_layer_with_backoff_then_the_breaker(tmp_path, monkeypatch):
+    """A download makes one attempt; ``dwk.retry.call`` (Prefect's task retries under Prefect) retries
+    transient failures with exponential backoff; after 3 transient failures in a row the breaker
+    makes later downloads fail at once, saying why; a success closes it."""
+    from dwk import retry
+    from dwk.errors import TransientError
+
     weights = _save(_model().state_dict(), tmp_path / "w.safetensors")
     monkeypatch.setattr(hub, "is_offline", lambda: False)
+    hub._breaker.reset()
     delays, calls = [], []
 
     def flaky(**kw):
@@ -195,25 +202,42 @@ def test_downloads_retry_with_backoff_then_resume(tmp_path, monkeypatch):
         return str(weights)
 
     monkeypatch.setattr(hub, "_hf_hub_download", flaky)
-    monkeypatch.setattr(hub, "_sleep", delays.append)
-    monkeypatch.setattr(hub, "_unreachable_at", None)
-    f = hub.download(NAME, retries=3, backoff=1.0)
-    assert f.path == weights and len(calls) == 3 and len(delays) == 2
-    assert 0.5 <= delays[0] <= 1.0 and 1.0 <= delays[1] <= 2.0  # exponential, with jitter
+    with pytest.raises(TransientError, match=rf"'{NAME}'.*did not answer.*ConnectionError.*local file"):
+        hub.download(NAME)  # one attempt, no loop of its own
+    assert len(calls) == 1
+    f = retry.call(hub.download, NAME, retries=3, backoff_s=1.0, sleep=delays.append)
+    assert f.path == weights and len(calls) == 3 and len(delays) == 1
+    assert 0.5 <= delays[0] <= 1.5  # jittered around the first backoff
+    assert retry.delays(3, 2.0) == [2.0, 4.0, 8.0]
     # each retry asks the client for the same file again (it resumes from its .incomplete blob)
     assert all(c == calls[0] for c in calls) and not any(c.get("force_download") for c in calls)
-    # still unreachable after the retries: one clear error
+
+    # still unreachable: three failures in a row open the breaker ...
     calls.clear()
     monkeypatch.setattr(hub, "_hf_hub_download", lambda **kw: calls.append(kw) or (_ for _ in ()).throw(TimeoutError("timed out")))
-    monkeypatch.setattr(hub, "_unreachable_at", None)
-    with pytest.raises(CheckpointError, match=rf"'{NAME}'.*unreachable from here after 3 attempts.*local file"):
-        hub.download(NAME, retries=2, backoff=0.0)
+    with pytest.raises(TransientError, match="timed out"):
+        retry.call(hub.download, NAME, retries=2, backoff_s=0.0, sleep=delays.append)
     assert len(calls) == 3
-    # the next checkpoints try once while the Hub was just found unreachable: many fail in minutes, not hours
+    # ... so the next checkpoints fail at once without a network call, and that is final (not retried)
     calls.clear()
-    with pytest.raises(CheckpointError, match="after 1 attempts"):
-        hub.download(NAME, "another", retries=2, backoff=0.0)
-    assert len(calls) == 1
+    with pytest.raises(CheckpointError, match="not tried: downloads .* failed 3 times in a row") as err:
+        retry.call(hub.download, NAME, "another", retries=2, backoff_s=0.0, sleep=delays.append)
+    assert not isinstance(err.value, TransientError) and calls == []
+    hub._breaker.reset()
+    monkeypatch.setattr(hub, "_hf_hub_download", lambda **kw: str(weights))
+    assert hub.download(NAME).path == weights
+
+
+def test_prefect_retries_transient_download_errors():
+    from prefect.states import Failed
+
+    from dwk.errors import NoDepthwiseError, TransientError
+    from tasks.extract import _retry_unless_bad_input, extract_checkpoint_task
+
+    retry = lambda exc: _retry_unless_bad_input(None, None, Failed(data=exc))  # noqa: E731
+    assert retry(TransientError("c", "no answer"))  # a CheckpointError, but one that retrying may fix
+    assert not retry(CheckpointError("c", "bad file")) and not retry(NoDepthwiseError("none"))
+    assert extract_checkpoint_task.retry_jitter_factor == 0.5
 
 
 def test_permanent_hub_errors_are_not_retried_and_missing_files_fall_back(tmp_path, monkeypatch):
@@ -223,7 +247,6 @@ def test_permanent_hub_errors_are_not_retried_and_missing_files_fall_back(tmp_pa
     req = httpx2.Request("GET", "https://huggingface.co/timm/x")
     weights = _save(_model().state_dict(), tmp_path / "w.safetensors")
     monkeypatch.setattr(hub, "is_offline", lambda: False)
-    monkeypatch.setattr(hub, "_sleep", lambda s: pytest.fail("a permanent error was retried"))
     calls = []
 
     def no_safetensors(**kw):

@@ -6,11 +6,13 @@ a file downloaded once is never fetched again, and an interrupted download resum
 
 - a process-wide bound on parallel downloads (``DWK_HUB_MAX_PARALLEL``, default 2), so many mapped
   extraction tasks do not open dozens of multi-GB transfers at once;
-- retries with exponential backoff and jitter on transient failures (connection errors, HTTP 408,
-  429, 5xx; ``DWK_HUB_RETRIES``, default 3; ``DWK_HUB_BACKOFF`` seconds, default 2). Missing repos,
-  files or gated access are not retried. Once a checkpoint gave up on an unreachable Hub, the next
-  ones (for ``DWK_HUB_UNREACHABLE_TTL`` seconds, default 300) try once: the Hub client itself
-  already retries a failed request for about 30 s;
+- one attempt per call: a transient failure (connection errors, HTTP 408, 429, 5xx) raises
+  :class:`~dwk.errors.TransientError`, which the one retry layer retries (``dwk.retry``: Prefect's
+  task retries, or ``dwk.retry.call``); missing repos, files or gated access are final;
+- a circuit breaker: after ``DWK_HUB_BREAKER_FAILURES`` (3) transient failures in a row, from any
+  checkpoints of this process, downloads are not tried for ``DWK_HUB_UNREACHABLE_TTL`` seconds (300)
+  and fail at once, saying so (each attempt on an unreachable Hub costs about half a minute of the Hub
+  client's own retries: a config of many checkpoints fails in minutes, not hours);
 - offline mode: with ``HF_HUB_OFFLINE=1`` only the cache is used; a checkpoint that is not cached
   fails alone with a :class:`~dwk.errors.CheckpointError` that says how to fill the cache or use
   a local file, and the others go on.
@@ -21,14 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dwk.errors import CheckpointError
+from dwk.errors import CheckpointError, TransientError
 from dwk.sources._base import Loaded, Source, sha256_file, versions_hash
 from dwk.sources._torch import build_model, is_torchvision, load_weights_into, read_state_dict
 from dwk.timm_registry import checkpoint_info, pretrained_cfg
@@ -89,10 +90,6 @@ def _hf_hub_download(**kwargs) -> str:
     return hf_hub_download(**kwargs)
 
 
-def _sleep(seconds: float) -> None:  # a seam for tests
-    time.sleep(seconds)
-
-
 def is_transient(e: BaseException) -> bool:
     """Would retrying help? Connection trouble and overload yes; a missing repo, file or access no."""
     from huggingface_hub import errors as hf
@@ -116,55 +113,79 @@ class _NotThere(Exception):
 
 
 def _fetch(repo_id: str, filename: str, revision: str | None, ckpt_id: str, *, offline: bool,
-           cache_dir: str | Path | None, retries: int, backoff: float) -> Path:
+           cache_dir: str | Path | None) -> Path:
+    """One attempt (retries are ``dwk.retry``'s)."""
     from huggingface_hub import errors as hf
 
-    for attempt in range(retries + 1):
-        try:
-            with _slots:
-                return Path(_hf_hub_download(repo_id=repo_id, filename=filename, revision=revision,
-                                             cache_dir=cache_dir, local_files_only=offline))
-        except Exception as e:  # noqa: BLE001 - classified below; anything else fails this checkpoint alone
-            if isinstance(e, hf.RemoteEntryNotFoundError) or (offline and isinstance(e, hf.LocalEntryNotFoundError)):
-                raise _NotThere(f"{type(e).__name__}: {e}") from e
-            if isinstance(e, (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.DisabledRepoError)):
-                raise CheckpointError(ckpt_id, f"the Hub refused {repo_id}/{filename} ({type(e).__name__}: "
-                                               f"{str(e).splitlines()[0][:200]}); gated or private repos need "
-                                               "`hf auth login` (HF_TOKEN)") from e
-            if not is_transient(e):
-                raise CheckpointError(ckpt_id, f"download of {repo_id}/{filename} failed ({type(e).__name__}: "
-                                               f"{str(e)[:300]})") from e
-            if attempt == retries:
-                _mark_unreachable()
-                raise CheckpointError(
-                    ckpt_id,
-                    f"pretrained weights could not be downloaded: the Hugging Face Hub is unreachable from here "
-                    f"after {retries + 1} attempts ({type(e).__name__}: {str(e)[:200]}). Download them where the "
-                    f"Hub is reachable (`dwk sources {ckpt_id} --download` fills the cache in HF_HOME) or use a "
-                    f"local file: {_local_file_hint(ckpt_id)}",
-                ) from e
-            delay = backoff * 2 ** attempt * (0.5 + random.random() / 2)
-            logger.warning("%s: %s/%s: %s; retry %d/%d in %.1fs", ckpt_id, repo_id, filename, type(e).__name__,
-                           attempt + 1, retries, delay)
-            _sleep(delay)
-    raise AssertionError("unreachable")
+    if not offline and _breaker.is_open():
+        raise CheckpointError(
+            ckpt_id, f"not tried: downloads from the Hugging Face Hub failed {_breaker.threshold} times in a row in "
+            f"this process in the last {_breaker.ttl:.0f} s (is the Hub unreachable from here?). Fill the cache where "
+            f"the Hub is reachable (`dwk sources {ckpt_id} --download`, same HF_HOME) or use a local file: "
+            f"{_local_file_hint(ckpt_id)}")
+    try:
+        with _slots:
+            path = Path(_hf_hub_download(repo_id=repo_id, filename=filename, revision=revision,
+                                         cache_dir=cache_dir, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 - classified below; anything else fails this checkpoint alone
+        if isinstance(e, hf.RemoteEntryNotFoundError) or (offline and isinstance(e, hf.LocalEntryNotFoundError)):
+            raise _NotThere(f"{type(e).__name__}: {e}") from e
+        if isinstance(e, (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.DisabledRepoError)):
+            raise CheckpointError(ckpt_id, f"the Hub refused {repo_id}/{filename} ({type(e).__name__}: "
+                                           f"{str(e).splitlines()[0][:200]}); gated or private repos need "
+                                           "`hf auth login` (HF_TOKEN)") from e
+        if not is_transient(e):
+            raise CheckpointError(ckpt_id, f"download of {repo_id}/{filename} failed ({type(e).__name__}: "
+                                           f"{str(e)[:300]})") from e
+        _breaker.failed()
+        raise TransientError(
+            ckpt_id,
+            f"pretrained weights could not be downloaded: the Hugging Face Hub did not answer "
+            f"({type(e).__name__}: {str(e)[:200]}); retried by the run's retries (config `retries`). If the Hub is "
+            f"unreachable from here, download them where it is (`dwk sources {ckpt_id} --download` fills the cache in "
+            f"HF_HOME) or use a local file: {_local_file_hint(ckpt_id)}",
+        ) from e
+    _breaker.succeeded()
+    return path
 
 
-_unreachable_at: float | None = None  # when a download last gave up on an unreachable Hub (monotonic clock)
+class _Breaker:
+    """Open after ``threshold`` transient failures in a row; closed again after ``ttl`` seconds or a success.
 
-
-def _mark_unreachable() -> None:
-    global _unreachable_at
-    _unreachable_at = time.monotonic()
-
-
-def _recently_unreachable() -> bool:
-    """Did a download give up on an unreachable Hub in the last ``DWK_HUB_UNREACHABLE_TTL`` seconds (300)?
-
-    Then later checkpoints try once instead of retrying: the Hub client already retries a failed
-    request for about half a minute, and a config of many checkpoints should fail in minutes, not hours.
+    Hand-written (15 lines) rather than a circuit-breaker package: dwk needs only this, per process.
     """
-    return _unreachable_at is not None and time.monotonic() - _unreachable_at < _env_int("DWK_HUB_UNREACHABLE_TTL", 300)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._open_until = 0.0
+
+    @property
+    def threshold(self) -> int:
+        return max(1, _env_int("DWK_HUB_BREAKER_FAILURES", 3))
+
+    @property
+    def ttl(self) -> float:
+        return float(_env_int("DWK_HUB_UNREACHABLE_TTL", 300))
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self._open_until
+
+    def failed(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._failures >= self.threshold:
+                self._open_until = time.monotonic() + self.ttl
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failures, self._open_until = 0, 0.0
+
+    def reset(self) -> None:
+        self.succeeded()
+
+
+_breaker = _Breaker()
 
 
 def _local_file_hint(ckpt_id: str) -> str:
@@ -177,12 +198,11 @@ def _revision_of(path: Path) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
-def download(name: str, ckpt_id: str | None = None, *, cfg=None, cache_dir: str | Path | None = None,
-             retries: int | None = None, backoff: float | None = None) -> HubFile:
-    """The weights file of timm checkpoint ``arch.tag``, from the Hub cache or downloaded into it.
+def download(name: str, ckpt_id: str | None = None, *, cfg=None, cache_dir: str | Path | None = None) -> HubFile:
+    """The weights file of timm checkpoint ``arch.tag``, from the Hub cache or downloaded into it (one attempt).
 
     Raises ``CheckpointError`` (naming ``ckpt_id``) when timm has no Hub location for it, when
-    offline and not cached, when the Hub refuses, or when it stays unreachable after the retries.
+    offline and not cached, or when the Hub refuses; ``TransientError`` when the Hub did not answer.
     """
     ckpt_id = ckpt_id or name
     cfg = cfg if cfg is not None else pretrained_cfg(name, ckpt_id)
@@ -191,19 +211,10 @@ def download(name: str, ckpt_id: str | None = None, *, cfg=None, cache_dir: str 
     repo_id, _, revision = cfg.hf_hub_id.partition("@")
     filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else list(HUB_FILES)
     offline = is_offline()
-    retries = _env_int("DWK_HUB_RETRIES", 3) if retries is None else retries
-    if _recently_unreachable():
-        retries = 0
-    if backoff is None:
-        try:
-            backoff = float(os.environ.get("DWK_HUB_BACKOFF", 2.0))
-        except ValueError:
-            backoff = 2.0
     missing = []
     for filename in filenames:
         try:
-            path = _fetch(repo_id, filename, revision or None, ckpt_id, offline=offline, cache_dir=cache_dir,
-                          retries=retries, backoff=backoff)
+            path = _fetch(repo_id, filename, revision or None, ckpt_id, offline=offline, cache_dir=cache_dir)
         except _NotThere as e:
             missing.append(f"{filename}: {str(e)[:120]}")
             continue
@@ -222,15 +233,19 @@ def download(name: str, ckpt_id: str | None = None, *, cfg=None, cache_dir: str 
     raise CheckpointError(ckpt_id, f"the Hub repo {repo_id} has none of the weight files {filenames}: {missing}")
 
 
-def prefetch(names: list[str], max_workers: int = 2) -> dict[str, HubFile | CheckpointError]:
-    """Download many checkpoints into the cache, ``max_workers`` at a time; failures are returned, not raised."""
+def prefetch(names: list[str], max_workers: int = 2, retries: int = 2,
+             backoff_s: float = 2.0) -> dict[str, HubFile | CheckpointError]:
+    """Download many checkpoints into the cache, ``max_workers`` at a time, each retried by
+    ``dwk.retry.call``; failures are returned, not raised."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from dwk import retry
 
     set_max_parallel(max_workers)
 
     def one(n: str) -> HubFile | CheckpointError:
         try:
-            return download(n)
+            return retry.call(download, n, retries=retries, backoff_s=backoff_s, what=n)
         except CheckpointError as e:
             return e
 
@@ -274,7 +289,7 @@ class HubSource(Source):
             text = f"{type(e).__name__}: {e}"
             if any(s in text for s in ("ConnectionError", "ConnectError", "offline", "resolve", "Max retries",
                                        "HTTPSConnection", "Network", "URLError")):
-                raise CheckpointError(
+                raise (CheckpointError if is_offline() else TransientError)(
                     spec.id,
                     "pretrained weights could not be downloaded: the Hub is unreachable from here "
                     f"({text[:200]}). Download the weights where it is reachable and use a local file: "

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dwk.errors import CheckpointError
+from dwk.errors import CheckpointError, TransientError
 from dwk.sources._base import Loaded, Source, existing_file, sha256_file, versions_hash
 from dwk.sources._torch import TORCHVISION_PREFIX, build_model, is_torchvision, load_weights_into, read_state_dict
 from dwk.sources.file import load_file_into_arch
@@ -83,7 +83,13 @@ def cached_download(url: str, ckpt_id: str) -> Path:
     try:
         _download_url(url, dst)
     except OSError as e:  # URLError, HTTPError, socket errors, a full disk
-        raise CheckpointError(
+        from urllib.error import HTTPError, URLError
+
+        # No answer, or an overloaded server: retrying may help (dwk.retry); a 404 or a full disk not.
+        transient = (isinstance(e, (ConnectionError, TimeoutError)) or
+                     (isinstance(e, URLError) and not isinstance(e, HTTPError)) or
+                     (isinstance(e, HTTPError) and e.code in (408, 429, 500, 502, 503, 504)))
+        raise (TransientError if transient else CheckpointError)(
             ckpt_id, f"torchvision weights could not be downloaded from {url} ({type(e).__name__}: {str(e)[:200]}). "
             f"Where the network is reachable, fetch that file and put it at {dst} (or set TORCH_HOME), "
             "or name a local copy with `file:`"
