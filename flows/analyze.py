@@ -40,9 +40,11 @@ def analyze_flow(config: RunConfig, run_id: str, extracted: list[dict], failed: 
     for i, shape in enumerate(shapes):
         models[shape] = _train(config, run_id, shape, mlflow_run_id)
         log.info("trained %d/%d shape groups", i + 1, len(shapes))
-    futures = [cluster_task.submit(config, run_id, s, models[s]) for s in shapes]
-    for f in futures:
-        f.result()  # each writes its group's result record to the store
+    for shape in shapes:
+        # In the flow's own thread, one group after the other (k-means uses every core already): a
+        # SIGTERM reaches the main thread and stops clustering within seconds; a worker thread would
+        # keep the process alive until its group was done.
+        cluster_task(config, run_id, shape, models[shape])  # writes the group's result record to the store
     summary = finalize_task(config, run_id, models, mlflow_run_id)
     publish_task(summary)
     return summary

@@ -271,3 +271,96 @@ def test_three_concurrent_extracts_with_the_ephemeral_prefect_server(tmp_path):
     assert sorted(p.name for p in (tmp_path / "prefect-home" / "dwk-ephemeral").glob("prefect-*.db")) == [
         "prefect-1.db", "prefect-2.db"]
     assert main(["verify", "--store", str(tmp_path / "store.zarr")]) == 0
+
+
+@pytest.mark.slow
+def test_sigterm_under_prefect_stops_within_seconds_and_the_run_resumes(tmp_path, mlflow_uri):
+    """`dwk run` with Prefect's temporary server: SIGTERM in training ends it with 143 within seconds
+    (Prefect's own handler or dwk's), its MLflow run KILLED; `dwk run --resume` then finishes it."""
+    from dwk import tracking
+    from dwk.store import KernelStore
+
+    experiment = f"sigterm-prefect-{os.getpid()}"
+    cfg = write_config(tmp_path, checkpoints=[PLANTED], experiment=experiment,
+                       autoencoder=dict(epochs=400, batch_size=128))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect"))
+    env.pop("PREFECT_API_URL", None)
+    log = (tmp_path / "log.txt").open("w")
+    proc = subprocess.Popen(DWK + ["run", "--config", str(cfg)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=tmp_path)
+    c = tracking.client()
+    try:
+        deadline = time.monotonic() + 400
+        runs = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            exp = c.get_experiment_by_name(experiment)
+            runs = c.search_runs([exp.experiment_id]) if exp else []
+            if runs and any(m.startswith("loss_") for m in runs[0].data.metrics):
+                break
+            time.sleep(1)
+        assert runs and proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "log.txt").read_text()
+    print(f"SIGTERM to exit under Prefect: {took:.1f}s")
+    assert rc == 143, text[-3000:]
+    assert took < 15, f"took {took:.1f}s"
+    mlflow_id = runs[0].info.run_id
+    assert c.get_run(mlflow_id).info.status == "KILLED"
+    store = KernelStore(tmp_path / "store.zarr", create=False)
+    (run_id,) = store.run_ids()
+    assert main(["verify", "--store", str(tmp_path / "store.zarr")]) == 0
+    assert subprocess.run(DWK + ["run", "--config", str(cfg), "--resume", run_id], env=env, cwd=tmp_path,
+                          capture_output=True, timeout=600).returncode == 0
+    assert c.get_run(mlflow_id).info.status == "FINISHED" and store.run_meta(run_id)["finished"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefect", [False, True], ids=["no-prefect", "prefect"])
+def test_sigterm_during_clustering_stops_within_seconds(tmp_path, mlflow_uri, prefect):
+    """Finding 10 of issue 10: SIGTERM in clustering (where `dwk run` on 1M kernels once ignored it)."""
+    from dwk import pipeline as pl
+    from dwk.store import KernelStore
+
+    big = dict(id="pop", planted=dict(shape=[7, 7], n=150_000, noise_share=0.2, seed=3))
+    cfg = write_config(tmp_path, checkpoints=[big], experiment=f"sigterm-cluster-{os.getpid()}",
+                       autoencoder=dict(epochs=1, batch_size=1024), cluster=dict(n_init_clusters=48))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect"))
+    env.pop("PREFECT_API_URL", None)
+    log = (tmp_path / "log.txt").open("w")
+    proc = subprocess.Popen(DWK + ["run", "--config", str(cfg)] + ([] if prefect else ["--no-prefect"]), env=env,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 500
+        trained = False
+        while time.monotonic() < deadline and proc.poll() is None and not trained:
+            try:
+                store = KernelStore(tmp_path / "store.zarr", create=False)
+                trained = any(store.stage_record(r, "7x7", "train") for r in store.run_ids())
+            except Exception:  # noqa: BLE001 - not written yet
+                pass
+            time.sleep(0.5)
+        assert trained and proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+        time.sleep(5)  # well into the clustering
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "log.txt").read_text()
+    print(f"SIGTERM in clustering to exit ({'prefect' if prefect else 'no prefect'}): {took:.1f}s")
+    assert rc == 143, text[-3000:]
+    assert took < 15, f"took {took:.1f}s"
+    store = KernelStore(tmp_path / "store.zarr", create=False)
+    (run_id,) = store.run_ids()
+    assert store.stage_record(run_id, "7x7", "cluster") is None and store.stage_record(run_id, "7x7", "train")
+    assert pl.STAGES[-1] == "cluster"
