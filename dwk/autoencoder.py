@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dwk import progress
 from dwk._random import torch_seeded
 from dwk.config import AutoencoderConfig
 
@@ -89,7 +90,7 @@ def train(
     logger.info("training autoencoder on %d kernels of %d taps (d=%d) on %s for %d epochs",
                 len(x), x.shape[1], cfg.latent_dim, device, cfg.epochs)
     model.train()
-    for epoch in range(cfg.epochs):
+    for epoch in progress.track(range(cfg.epochs), f"training autoencoder ({x.shape[1]} taps, {len(x)} kernels)"):
         perm = torch.randperm(len(x), generator=gen).to(device)
         # Summed on the device and read once per epoch: a loss.item() per step made the CPU wait
         # for the GPU at every step.

@@ -3,6 +3,8 @@
 ``dwk run`` runs the pipeline flow (Prefect server when ``PREFECT_API_URL`` is set, Prefect's
 ephemeral mode otherwise) and prints the per-checkpoint table and where the results are.
 ``dwk extract`` and ``dwk analyze`` run the two stages alone; ``dwk show`` prints a finished run.
+``--set KEY=VALUE`` overrides config values (``dwk.config.apply_sets``); ``dwk config show`` prints the
+config a run would use. Progress bars (``dwk.progress``) show per stage when stderr is a terminal.
 
 Exit status, the same rule in every command: 0 when everything succeeded; 1 when a checkpoint
 failed (0 with ``--allow-partial`` when at least one succeeded), or a store is damaged (``verify``);
@@ -33,8 +35,12 @@ STOP_GRACE_S = float(os.environ.get("DWK_STOP_GRACE_S", "30"))  # after SIGTERM,
 def _setup_logging(verbose: bool) -> None:
     # dwk's own loggers show up in Prefect's run logs (and its UI) beside the flow's.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dwk")
+    # dwk logs outside flow runs too (preflight, tracking): those lines are not flow-run logs, no warning.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose:  # dwk's logger has a level of its own (INFO, see dwk/__init__.py)
+        logging.getLogger("dwk").setLevel(logging.DEBUG)
     import distributed  # noqa: F401 - importing it resets its loggers to INFO: import first, then quiet them
 
     for noisy in ("distributed", "alembic", "matplotlib", "urllib3", "httpx", "mlflow", "torch", "numba"):
@@ -42,15 +48,64 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _validation_message(where: str, err) -> str:
-    """A pydantic ValidationError as one line per field path: ``checkpoints[2].arch: message``."""
+    """A pydantic ValidationError as one line per field path: ``checkpoints[2].arch: message``.
+
+    Each line says what to do: an unknown key names the closest allowed key and the allowed ones, a
+    missing key says to add it, a wrong value shows the value given.
+    """
+    from dwk.config import set_path_text
+
     lines = []
     for e in err.errors(include_url=False):
-        path = ""
-        for part in e["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        path = set_path_text(list(e["loc"]))
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = _unknown_key_hint(err.title, list(e["loc"]))
+        elif e["type"] == "missing":
+            msg = f"required, but not given: add it to the config (or --set {path}=VALUE)"
+        elif isinstance(e.get("input"), (str, int, float, bool)) and len(repr(e["input"])) <= 60:
+            msg += f" (got {e['input']!r})"
         lines.append(f"  {path or '(top level)'}: {msg}")
     return f"{where} is not valid ({len(lines)} problem{'s' if len(lines) != 1 else ''}):\n" + "\n".join(lines)
+
+
+def _unknown_key_hint(model_name: str, loc: list) -> str:
+    """``unknown key; did you mean 'autoencoder'? allowed here: ...`` for an extra key at ``loc``."""
+    import difflib
+
+    model = _model_at(model_name, loc[:-1])
+    if model is None:
+        return "unknown key: remove it"
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key; {guess}allowed here: {', '.join(allowed)}"
+
+
+def _model_at(model_name: str, loc: list):
+    """The pydantic model of dwk.config (named ``model_name``) found at ``loc`` inside it, or None."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from dwk import config
+
+    def model_in(tp):
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return tp
+        return next((m for m in map(model_in, typing.get_args(tp)) if m is not None), None)
+
+    model = getattr(config, model_name, None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list's item: the model of the list's items
+        field = model.model_fields.get(part)
+        model = model_in(field.annotation) if field is not None else None
+        if model is None:
+            return None
+    return model
 
 
 def _config(args: argparse.Namespace):
@@ -60,7 +115,7 @@ def _config(args: argparse.Namespace):
 
     where = f"config {args.config}" if args.config else "the embedded config"
     try:
-        return load_config(args.config, store=args.store, out=args.out)
+        return load_config(args.config, sets=getattr(args, "set", None) or (), store=args.store, out=args.out)
     except DwkError:
         raise
     except ValidationError as e:
@@ -278,8 +333,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from flows.analyze import analyze_flow
 
     run_id = pipeline.new_run_id(cfg)
-    mlflow_run_id = None if args.no_track else tracking.start_run(cfg.experiment, run_id, cfg.flat_params(),
-                                                                  {"dwk.run_id": run_id})
+    mlflow_run_id = None if args.no_track else pipeline.open_tracking(cfg, run_id, None)
     with tracking.closed_on_error(mlflow_run_id):
         summary = analyze_flow(cfg, run_id, extracted, missing, mlflow_run_id)
     _print_result(summary)
@@ -408,21 +462,103 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if result.damaged else 0
 
 
+def cmd_make_dataset(args: argparse.Namespace) -> int:
+    """Write a generated ImageFolder (dwk.datasets): the initialisation experiment's tiny data set."""
+    from dwk.datasets import make_dataset
+
+    out = make_dataset(args.out, classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
+                       size=args.size, seed=args.seed, force=args.force)
+    print(f"data set: {out} (train/ and val/, one folder per class; parameters in {out / 'dataset.json'})")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    """The initialisation experiment (docs/init-experiment.md): train per scheme, track, analyse the kernels."""
+    from dwk import classifier
+
+    cfg = classifier.load_experiment(args.config, out=args.out)
+    track = not args.no_track
+    if track:
+        from dwk import tracking
+
+        tracking.preflight()  # in seconds, before any training
+    if args.no_prefect:
+        result = classifier.run_experiment(cfg, track=track)
+    else:
+        _isolate_prefect_database()
+        from flows.train_classifier import train_classifier_flow
+
+        result = train_classifier_flow(experiment=cfg, track=track)
+    print()
+    print(classifier.comparison_text(result["schemes"]))
+    print(f"\nrun folder: {result['run_dir']}  (checkpoints/, analysis/, results.json)")
+    if result.get("parent_run_id"):
+        from dwk import tracking
+
+        print(f"mlflow:     run {result['parent_run_id']} in experiment '{cfg.experiment}' at {tracking.tracking_uri()}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the config a run would use (expanded, validated, paths absolute) as YAML, or RunConfig's JSON schema."""
+    import json
+
+    import yaml
+
+    from dwk.config import RunConfig
+
+    if args.schema:
+        print(json.dumps(RunConfig.model_json_schema(), indent=2))
+        return 0
+    cfg = _config(args)
+    where = args.config.resolve() if args.config else "the embedded config"
+    print(f"# {where}, expanded and validated: {len(cfg.checkpoints)} checkpoints "
+          "(saved to a file, `--config FILE` runs exactly this)")
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=120), end="")
+    return 0
+
+
+def _version() -> str:
+    """dwk's installed version (package metadata), or the source tree's when dwk is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dwk")
+    except PackageNotFoundError:
+        import dwk
+
+        return dwk.__version__
+
+
+def _want_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person at a terminal: stderr a terminal, no --no-progress, not under pytest."""
+    return (not getattr(args, "no_progress", True) and sys.stderr.isatty()
+            and "PYTEST_CURRENT_TEST" not in os.environ)
+
+
+SET_HELP = ("override a config value before validation, KEY=VALUE (repeatable): dotted keys, list indices in "
+            "brackets, values read as YAML, e.g. --set autoencoder.epochs=5 --set checkpoints[0].seed=1 (indices "
+            "count the entries as written in the file; one past the end adds an entry)")
 PARTIAL_HELP = "exit 0 when some checkpoints failed and the others succeeded (default: exit 1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dwk", description="Identifiable clusters in trained depthwise kernels, at scale.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for user errors too")
+    p.add_argument("--version", action="version", version=f"dwk {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def common(sp, out=True):
+    def common(sp, out=True, progress=True):
         sp.add_argument("--config", type=Path, help="run config (YAML); default: the embedded planted demo")
         sp.add_argument("--store", type=Path, help="Zarr kernel store (default from the config: runs/store.zarr)")
         if out:
             sp.add_argument("--out", type=Path, help="output folder for runs (default: runs)")
         else:
             sp.set_defaults(out=None)
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+        if progress:
+            sp.add_argument("--no-progress", action="store_true",
+                            help="no progress bars (they show only when stderr is a terminal)")
 
     r = sub.add_parser("run", help="the whole pipeline as a Prefect flow")
     common(r)
@@ -475,12 +611,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--older-than-hours", type=float, default=24.0,
                    help="runs whose process ran on another host count as orphaned after this long (default 24)")
     g.set_defaults(func=cmd_gc)
+    cfg_p = sub.add_parser("config", help="see the config a run uses (`dwk config show`) or its schema")
+    cfg_sub = cfg_p.add_subparsers(dest="config_cmd", required=True)
+    cs = cfg_sub.add_parser("show", help="print the expanded, validated config as YAML (patterns and files: "
+                                         "globs expanded, paths absolute), or its JSON schema with --schema")
+    common(cs, progress=False)
+    cs.add_argument("--schema", action="store_true", help="print the JSON schema of a run config instead")
+    cs.set_defaults(func=cmd_config_show)
+    md = sub.add_parser("make-dataset", help="write a generated ImageFolder of textures and shapes (tiny experiments)")
+    md.add_argument("out", type=Path, help="folder to write (train/ and val/ inside)")
+    md.add_argument("--classes", type=int, default=10, help="number of classes, 2 to 10 (default 10)")
+    md.add_argument("--per-class", type=int, default=40, help="training images per class (default 40)")
+    md.add_argument("--val-per-class", type=int, help="validation images per class (default: a quarter of --per-class)")
+    md.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--force", action="store_true", help="replace a non-empty folder that holds something else")
+    md.set_defaults(func=cmd_make_dataset)
+    tc = sub.add_parser("train-classifier", help="the initialisation experiment: train per init scheme, then analyse")
+    tc.add_argument("--config", type=Path, required=True, help="experiment config, e.g. configs/init-experiment-tiny.yaml")
+    tc.add_argument("--out", type=Path, help="folder for the experiment's runs (default from the config)")
+    tc.add_argument("--no-prefect", action="store_true", help="run the steps in this process, without Prefect")
+    tc.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    tc.set_defaults(func=cmd_train_classifier)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if _want_progress(args):
+        from dwk import progress
+
+        progress.enable()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_stop_signal) if in_main_thread else None
     try:
@@ -500,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
               "skips them), an interrupted MLflow run is marked KILLED", file=sys.stderr)
         return 128 + signum
     finally:
+        if "dwk.progress" in sys.modules:
+            sys.modules["dwk.progress"].disable()
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
             _on_stop_signal.fired = False

@@ -6,14 +6,19 @@ choice the paper leaves open (METHOD.md, marked "(dwk)") is a field here, so it 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import re
+from collections.abc import Iterable
 from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dwk.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +300,8 @@ class RunConfig(_Strict):
 
     name: str = "dwk"
     checkpoints: list[CheckpointSpec] = Field(min_length=1)
-    store: Path = Path("runs/store.zarr")
-    out: Path = Path("runs")
+    store: Path = Field(Path("runs/store.zarr"), validate_default=True)  # absolute (see _absolute), defaults too
+    out: Path = Field(Path("runs"), validate_default=True)
     experiment: str = "dwk"
     max_workers: int = Field(2, ge=1)
     retries: int = Field(2, ge=0, description="retries of a checkpoint whose extraction failed for a reason "
@@ -335,8 +340,14 @@ class RunConfig(_Strict):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
     def flat_params(self) -> dict[str, Any]:
-        """The config flattened to ``a.b.c -> value`` for MLflow params."""
-        return _flatten(self.model_dump(mode="json"))
+        """The config flattened to ``a.b.c -> value`` for MLflow params.
+
+        Checkpoints are not flattened (hundreds of them would make hundreds of columns in MLflow's
+        Compare view): ``checkpoints.n`` and their ids; each checkpoint is a dataset input of the
+        run instead (``dwk.tracking.log_checkpoint_inputs``)."""
+        d = self.model_dump(mode="json")
+        ids = [c["id"] for c in d.pop("checkpoints")]
+        return {"checkpoints.n": len(ids), "checkpoints.ids": ",".join(ids), **_flatten(d)}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -345,9 +356,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flatten(v, key + "."))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            for x in v:  # checkpoints: keyed by id, not position
-                out.update(_flatten({kk: vv for kk, vv in x.items() if kk != "id"}, f"{key}.{x.get('id')}."))
         else:
             out[key] = v
     return out
@@ -388,11 +396,13 @@ def expand_checkpoints(entries: list[Any]) -> list[Any]:
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
+def load_config(path: str | Path | None = None, sets: Iterable[str] = (), **overrides: Any) -> RunConfig:
     """Read a YAML run config (the embedded demo when ``path`` is None) and validate it.
 
     Relative ``file:`` and ``onnx:`` paths are resolved against the config file's folder, so a config
-    and its weights can move together. Pattern entries (``pattern:`` / ``module:``) are expanded here,
+    and its weights can move together. ``sets`` (``KEY=VALUE``, the CLI's ``--set``) are applied to
+    the YAML as written, before validation (see :func:`apply_sets`; a relative path they give is taken
+    from the current folder). Pattern entries (``pattern:`` / ``module:``) are expanded here,
     through timm's registry, into concrete ``arch.tag`` checkpoints: flows only ever see those.
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
@@ -400,20 +410,115 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} does not exist; omit --config to run the embedded demo") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping at its top level, got {type(raw).__name__}")
-    for ckpt in raw.get("checkpoints") or []:
-        for key in ("file", "onnx"):
-            value = ckpt.get(key) if isinstance(ckpt, dict) else None
-            if value and not str(value).startswith(PKG_SCHEME) and not Path(value).expanduser().is_absolute():
-                ckpt[key] = str((path.parent / value).resolve())
-    for ckpt in raw.get("checkpoints") or []:  # a relative glob is taken from the config's folder
-        if isinstance(ckpt, dict) and CheckpointFiles.is_files(ckpt) and ckpt.get("files") \
-                and not Path(ckpt["files"]).expanduser().is_absolute():
-            ckpt["files"] = str(path.parent.resolve() / ckpt["files"])
+    _resolve_checkpoint_paths(raw, path.parent)
+    if sets:
+        raw = apply_sets(raw, sets)
+        _resolve_checkpoint_paths(raw, Path.cwd())  # what --set gave is relative to where the command runs
     ckpts = raw.get("checkpoints")
     if isinstance(ckpts, list) and any(isinstance(c, dict) and (CheckpointPattern.is_pattern(c) or
                                                                 CheckpointFiles.is_files(c)) for c in ckpts):
         raw["checkpoints"] = expand_checkpoints(ckpts)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig.model_validate(raw)
+
+
+def _resolve_checkpoint_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the relative ``file:``, ``onnx:`` and ``files:`` paths of ``raw``'s checkpoints absolute, from ``base``."""
+    ckpts = raw.get("checkpoints")
+    for ckpt in ckpts if isinstance(ckpts, list) else []:
+        for key in ("file", "onnx"):
+            value = ckpt.get(key) if isinstance(ckpt, dict) else None
+            if value and not str(value).startswith(PKG_SCHEME) and not Path(value).expanduser().is_absolute():
+                ckpt[key] = str((base / value).resolve())
+        # A relative glob is taken from base too (not resolved: it holds glob characters).
+        if isinstance(ckpt, dict) and CheckpointFiles.is_files(ckpt) and ckpt.get("files") \
+                and not Path(ckpt["files"]).expanduser().is_absolute():
+            ckpt["files"] = str(base.resolve() / ckpt["files"])
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: ``line 3, column 5: mapping values are not allowed here``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(e, "problem", None) or e).replace("\n", " ")
+
+
+# ----------------------------------------------------------------------------- --set KEY=VALUE
+SET_EXAMPLE = "--set autoencoder.epochs=5, --set cluster.seed=1 or --set checkpoints[0].id=my-model"
+_SET_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*)((?:\[-?\d+\])*)")
+
+
+def parse_set(item: str) -> tuple[list[str | int], Any]:
+    """``KEY=VALUE`` as (path, value): ``checkpoints[0].planted.seed=3`` -> (['checkpoints', 0, 'planted', 'seed'], 3).
+
+    The key is dotted mapping keys with optional list indices (``[0]``, ``[-1]``); the value is read
+    as YAML (``5`` an int, ``0.5`` a float, ``true`` a bool, ``null`` None, ``[3, 3]`` a list, text
+    otherwise). A malformed item is a ``ConfigError`` that shows the right form.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. {SET_EXAMPLE}")
+    path: list[str | int] = []
+    for part in key.split("."):
+        m = _SET_PART.fullmatch(part)
+        if not m:
+            raise ConfigError(f"--set {item!r}: {part!r} is not a key; keys are names joined by '.', with list "
+                              f"indices in brackets, e.g. {SET_EXAMPLE}")
+        path.append(m.group(1))
+        path.extend(int(i) for i in re.findall(r"-?\d+", m.group(2)))
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                          f"quote the whole item, e.g. --set 'name=\"a: b\"'") from None
+    return path, value
+
+
+def set_path_text(path: list[str | int]) -> str:
+    """``['checkpoints', 0, 'id']`` -> ``checkpoints[0].id`` (how errors name a place in the config)."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def apply_sets(raw: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
+    """A copy of the YAML mapping ``raw`` with each ``KEY=VALUE`` of ``sets`` applied, in order.
+
+    Missing mappings on the way are created (``--set dask.address=tcp://h:8786`` works without a
+    ``dask:`` section); a list index may be one past the end, to append (``checkpoints[3].id=x``
+    on a list of 3). Keys are not checked here: validation names an unknown key with the allowed ones.
+    """
+    out = copy.deepcopy(raw)
+    for item in sets:
+        path, value = parse_set(item)
+        node: Any = out
+        for depth, part in enumerate(path):
+            here = set_path_text(path[:depth]) or "the config's top level"
+            last = depth == len(path) - 1
+            if isinstance(part, int):
+                if not isinstance(node, list):
+                    raise ConfigError(f"--set {item!r}: {here} is not a list (it is {type(node).__name__}); "
+                                      f"drop the [{part}]")
+                if part == len(node):
+                    node.append(None)
+                elif not -len(node) <= part < len(node):
+                    raise ConfigError(f"--set {item!r}: {here} has {len(node)} entries: use an index from 0 to "
+                                      f"{len(node) - 1}, or {len(node)} to add one")
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {here} is {node!r}, not a mapping: set {here} itself, "
+                                  f"e.g. --set {here}=VALUE")
+            if last:
+                node[part] = value
+                break
+            child = node[part] if isinstance(node, list) else node.get(part)
+            if child is None:
+                child = [] if isinstance(path[depth + 1], int) else {}
+                node[part] = child
+            node = child
+    return out

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dwk import results, retry, sources
+from dwk import progress, results, retry, sources
 from dwk.config import CheckpointSpec, DaskConfig, RunConfig
 from dwk.errors import CheckpointsFailedError, NoDepthwiseError
 from dwk.extract import (
@@ -152,8 +152,14 @@ def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_i
                 extraction={e["id"]: e["status"] for e in extracted})
     if not resume:
         store.create_run(run_id, dict(config=cfg.model_dump(mode="json"), offsets={}, **meta))
+        if mlflow_run_id:
+            store.update_run_meta(run_id, mlflow_children=_open_children(store, run_id, mlflow_run_id, groups, {}))
+        logger.info("run %s: %d checkpoints in %d groups (if it stops: `dwk run --resume %s`)", run_id, len(ckpts),
+                    len(groups), run_id)
         return list(groups)
     old = store.run_meta(run_id)
+    if mlflow_run_id:
+        meta["mlflow_children"] = _open_children(store, run_id, mlflow_run_id, groups, old.get("mlflow_children") or {})
     fingerprints = {c["id"]: c.get("fingerprint") for c in old["checkpoints"]}
     for group, ids in groups.items():
         same = old["groups"].get(group) == ids and all(fingerprints.get(i) == c["fingerprint"]
@@ -163,6 +169,34 @@ def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_i
             store.clear_stages(run_id, group)
     store.update_run_meta(run_id, **meta)
     return list(groups)
+
+
+def _open_children(store: KernelStore, run_id: str, parent: str, groups: dict[str, list[str]],
+                   have: dict[str, str]) -> dict[str, str]:
+    """One MLflow child run per analysis group (the ones in ``have`` reopened: a resumed run), and
+    the run's checkpoints as dataset inputs of the parent (once). Returns group -> child run id."""
+    from dwk import tracking
+
+    if not have:
+        inputs = []
+        for c in store.run_meta(run_id)["checkpoints"]:
+            extra = store.checkpoint(c["id"]).extra or {}
+            hub = extra.get("hub") or {}
+            where = f"https://huggingface.co/{hub['repo_id']}" if hub.get("repo_id") else extra.get("file")
+            inputs.append({**c, "location": where, "fingerprint": extra.get("sha256") or c.get("fingerprint")})
+        tracking.log_checkpoint_inputs(parent, inputs)
+    children = {}
+    for group in groups:
+        if group in have and tracking.reopen_run(have[group]):
+            children[group] = have[group]
+        else:
+            children[group] = tracking.start_child(parent, group)
+    return children
+
+
+def child_run(cfg: RunConfig, run_id: str, group: str) -> str | None:
+    """The MLflow child run of one analysis group (None when the run is not tracked)."""
+    return (KernelStore(cfg.store, create=False).run_meta(run_id).get("mlflow_children") or {}).get(group)
 
 
 def resume_config(store_path: Path, run_id: str) -> RunConfig:
@@ -258,18 +292,20 @@ def train_shape(cfg: RunConfig, run_id: str, shape: str, mlflow_run_id: str | No
     if have:
         logger.info("%s: trained already (run %s), skipped", shape, run_id)
         return have
-    on_epoch, flush = (None, lambda: None)
-    if mlflow_run_id:
-        from dwk import tracking
+    from dwk import tracking
 
-        on_epoch, flush = tracking.epoch_logger(mlflow_run_id, f"loss_{shape}")
+    child = child_run(cfg, run_id, shape) if mlflow_run_id else None
+    on_epoch, flush = tracking.epoch_logger(child, "loss") if child else (None, lambda: None)
     store = KernelStore(cfg.store, create=False)
-    path, losses = analysis.train_shape(store, run_id, shape, cfg, run_dir(cfg, run_id) / "models", on_epoch=on_epoch)
+    with tracking.system_metrics(child):  # CPU, memory, GPU use while training (system/... in the child run)
+        path, losses = analysis.train_shape(store, run_id, shape, cfg, run_dir(cfg, run_id) / "models",
+                                            on_epoch=on_epoch)
     flush()
-    if mlflow_run_id:
-        from dwk import tracking
+    if child:  # the autoencoder is logged by the process that trained it (a GPU worker, perhaps)
+        from dwk import autoencoder as ae
 
-        tracking.log_metrics(mlflow_run_id, {f"final_loss_{shape}": losses[-1]})
+        tracking.log_metrics(child, {"final_loss": losses[-1], "epochs": len(losses)})
+        tracking.log_model(child, ae.load(path), "autoencoder")
     store.record_stage(run_id, shape, "train", dict(path=str(path), sha256=sources.sha256_file(path),
                                                     epochs=len(losses), final_loss=float(losses[-1])),
                        clear=_after("train"))
@@ -324,7 +360,7 @@ def summary_from_store(store: KernelStore, run_id: str) -> dict:
     return summary
 
 
-def finalize(cfg: RunConfig, run_id: str, model_paths: dict[str, str], mlflow_run_id: str | None) -> dict:
+def finalize(cfg: RunConfig, run_id: str, mlflow_run_id: str | None) -> dict:
     """Tables, figures, ``summary.json`` and the MLflow record of a run whose groups are all clustered."""
     import matplotlib.pyplot as plt
 
@@ -357,52 +393,65 @@ def finalize(cfg: RunConfig, run_id: str, model_paths: dict[str, str], mlflow_ru
     for name, fig in figures.items():
         fig.savefig(out / "figures" / name, dpi=110)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=results.jsonable))
+    from dwk import html_report  # report.html: self-contained, the PNGs just saved embedded
+    html_report.write(out / "report.html", summary, {name: out / "figures" / name for name in figures})
     (out / "checkpoints.txt").write_text(report.checkpoint_table_text(rows + failures) + "\n")
     (out / "controls.txt").write_text(report.controls_text(controls) + "\n")
 
     if mlflow_run_id:
-        from dwk import autoencoder as ae
         from dwk import tracking
 
-        metrics: dict[str, float] = {}
-        for shape, s in shape_summaries.items():
-            metrics.update({
-                f"classified_share_{shape}": s["classified_share"], f"classified_share_tau_{shape}": s["classified_share_tau"],
-                f"tau_null_{shape}": s["tau_null"], f"n_clusters_{shape}": len(s["clusters"]),
-                f"n_minor_clusters_{shape}": sum(c["minor"] for c in s["clusters"]), f"n_kernels_{shape}": s["n_kernels"],
-            })
-            if "paper" in s:
-                metrics[f"paper_classified_share_{shape}"] = s["paper"]["classified_share"]
-                metrics[f"paper_n_clusters_{shape}"] = s["paper"]["n_clusters"]
-            for ckpt, p in s.get("planted", {}).items():
-                if p.get("ari") is not None:
-                    metrics[f"planted_ari_{shape}.{ckpt}"] = p["ari"]
-        for r in rows:
-            metrics[f"classified_share.{r['id']}"] = r["classified_share"]
-        for c in controls:  # e.g. control.7x7.seed_stability.ari_mean
-            if isinstance(c["value"], (int, float)) and not c["control"].startswith("null checkpoint"):
-                key = f"control.{c['shape']}.{c['control'].split(' (')[0].replace(' ', '_')}.{c['metric']}"
-                metrics[key.replace("@", "_at_")] = c["value"]
-        metrics["n_failed_checkpoints"] = len(failures)
-        tracking.log_metrics(mlflow_run_id, metrics)
+        children = store.run_meta(run_id).get("mlflow_children") or {}
+        for shape, s in shape_summaries.items():  # the same metric names in every child: Compare lines them up
+            child = children.get(shape)
+            if not child:
+                continue
+            tracking.log_metrics(child, group_metrics(s, [c for c in controls if c["shape"] == shape]))
+            tracking.log_table(child, cluster_table({shape: s}), "tables/clusters.json")
+            for name in (f"gallery-{shape}.png", f"tau-curve-{shape}.png", f"latent-{shape}.png"):
+                tracking.log_figure(child, figures[name], f"figures/{name}")
+        tracking.log_metrics(mlflow_run_id, dict(n_failed_checkpoints=len(failures), n_checkpoints=len(rows),
+                                                 n_groups=len(shape_summaries)))
         tracking.log_table(mlflow_run_id, rows, "tables/checkpoints.json")
         tracking.log_table(mlflow_run_id, layer_rows, "tables/layers.json")
-        cluster_rows = [
-            dict(shape=sh, **{k: v for k, v in c.items() if k != "reference"},
-                 **{f"ref_{k}": v for k, v in c["reference"].items() if k != "name"})
-            for sh, s in shape_summaries.items() for c in s["clusters"]
-        ]
-        tracking.log_table(mlflow_run_id, cluster_rows, "tables/clusters.json")
+        tracking.log_table(mlflow_run_id, cluster_table(shape_summaries), "tables/clusters.json")
         tracking.log_table(mlflow_run_id, controls, "tables/controls.json")
         for name, fig in figures.items():
             tracking.log_figure(mlflow_run_id, fig, f"figures/{name}")
         tracking.log_artifact(mlflow_run_id, out / "summary.json")
-        tracking.finish_run(mlflow_run_id, {f"autoencoder-{shape}": ae.load(p) for shape, p in model_paths.items()},
-                            status="FINISHED")
+        tracking.log_artifact(mlflow_run_id, out / "report.html")
+        tracking.finish_run(mlflow_run_id, status="FINISHED")
     for fig in figures.values():
         plt.close(fig)
     store.finish_run(run_id)
     return summary
+
+
+def group_metrics(s: dict, controls: list[dict]) -> dict[str, float]:
+    """One group's numbers under the names every child run uses (``classified_share``, ``tau_null``, ...)."""
+    m = dict(classified_share=s["classified_share"], classified_share_tau=s["classified_share_tau"],
+             tau_null=s["tau_null"], n_clusters=len(s["clusters"]), n_minor_clusters=sum(c["minor"] for c in s["clusters"]),
+             n_named_clusters=sum(not c["name"].startswith("unnamed") for c in s["clusters"]),
+             n_kernels=s["n_kernels"], n_fit=s["n_fit"])
+    if "paper" in s:
+        m.update(paper_classified_share=s["paper"]["classified_share"], paper_n_clusters=s["paper"]["n_clusters"])
+    planted = {k: p["ari"] for k, p in s.get("planted", {}).items() if p.get("ari") is not None}
+    if len(planted) == 1:
+        m["planted_ari"] = next(iter(planted.values()))
+    else:
+        m.update({f"planted_ari.{k}": v for k, v in planted.items()})
+    for c in controls:  # e.g. control.seed_stability.ari_mean
+        if isinstance(c["value"], (int, float)) and not c["control"].startswith("null checkpoint"):
+            key = f"control.{c['control'].split(' (')[0].replace(' ', '_')}.{c['metric']}"
+            m[key.replace("@", "_at_")] = c["value"]
+    return m
+
+
+def cluster_table(shape_summaries: dict[str, dict]) -> list[dict]:
+    """One row per cluster of the given groups, with its nearest references flattened."""
+    return [dict(shape=sh, **{k: v for k, v in c.items() if k != "reference"},
+                 **{f"ref_{k}": v for k, v in c["reference"].items() if k != "name"})
+            for sh, s in shape_summaries.items() for c in s["clusters"]]
 
 
 # ----------------------------------------------------------------------------- all together
@@ -425,7 +474,7 @@ def run(cfg: RunConfig, *, track: bool = True, resume: str | None = None) -> dic
         cfg = resume_config(cfg.store, resume)
     dpath = data_dir(cfg)
     extracted, failures = [], []
-    for spec in cfg.checkpoints:
+    for spec in progress.track(cfg.checkpoints, "extracting checkpoints"):
         try:
             extracted.append(retry.call(extract_checkpoint, spec, cfg.store, dpath, cfg.chunk_kernels,
                                         regular_max_per_layer(cfg), retries=cfg.retries,
@@ -446,7 +495,7 @@ def run(cfg: RunConfig, *, track: bool = True, resume: str | None = None) -> dic
         models = {s: train_shape(cfg, run_id, s, mlflow_run_id) for s in shapes}
         for s in shapes:
             cluster_shape(cfg, run_id, s, models[s])
-        return finalize(cfg, run_id, models, mlflow_run_id)
+        return finalize(cfg, run_id, mlflow_run_id)
 
 
 def open_tracking(cfg: RunConfig, run_id: str, resume: str | None, tags: dict[str, str] | None = None) -> str:
@@ -457,4 +506,5 @@ def open_tracking(cfg: RunConfig, run_id: str, resume: str | None, tags: dict[st
         old = KernelStore(cfg.store, create=False).run_meta(run_id).get("mlflow_run_id")
         if old and tracking.reopen_run(old, tags):
             return old
-    return tracking.start_run(cfg.experiment, run_id, cfg.flat_params(), {"dwk.run_id": run_id, **(tags or {})})
+    return tracking.start_run(cfg.experiment, run_id, cfg.flat_params(),
+                              {"dwk.run_id": run_id, **tracking.provenance_tags(), **(tags or {})})

@@ -203,6 +203,132 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict
     return run_id
 
 
+TAG_PARENT, TAG_GROUP = "mlflow.parentRunId", "dwk.group"
+
+
+def provenance_tags() -> dict[str, str]:
+    """dwk's version and, from a git checkout, its commit (``mlflow.source.git.commit``); the Prefect
+    flow run this process runs in, with a link to it in the Prefect UI."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags: dict[str, str] = {}
+    try:
+        tags["dwk.version"] = version("dwk")
+    except PackageNotFoundError:
+        pass
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=5).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit, dirty = "", ""
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+            tags["dwk.git_dirty"] = str(bool(dirty)).lower()
+    try:
+        from prefect.runtime import flow_run
+
+        fr = flow_run.get_id()
+    except Exception:  # noqa: BLE001 - prefect missing or not in a flow run
+        fr = None
+    if fr:
+        tags[TAG_FLOW_RUN] = str(fr)
+        from prefect.settings import PREFECT_UI_URL
+
+        ui = PREFECT_UI_URL.value()
+        if ui:
+            tags["prefect.flow_run_url"] = f"{ui.rstrip('/')}/runs/flow-run/{fr}"
+    return tags
+
+
+def start_child(parent_id: str, group: str, tags: dict[str, str] | None = None) -> str:
+    """A child run of ``parent_id`` for one analysis group (``<run name>/<group>``): every child logs the
+    same metric names (``classified_share``, ``tau_null``, ``n_clusters``, ``loss``, ...), so MLflow's
+    Compare view and charts line the groups up."""
+    c = client()
+    parent = c.get_run(parent_id)
+    run = c.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}/{group}",
+                       tags=process_tags() | {TAG_PARENT: parent_id, TAG_GROUP: group} | (tags or {}))
+    with _open_lock:
+        _open_runs.add(run.info.run_id)
+    return run.info.run_id
+
+
+def end_children(parent_id: str, status: str, reason: str | None = None) -> list[str]:
+    """End the parent's child runs that are still RUNNING (a failed or stopped run ends them too)."""
+    c = client()
+    parent = c.get_run(parent_id)
+    flt = f"tags.`{TAG_PARENT}` = '{parent_id}' and attributes.status = 'RUNNING'"
+    ended = []
+    for run in c.search_runs([parent.info.experiment_id], filter_string=flt, max_results=10000):
+        if end_quietly(run.info.run_id, status, reason or f"parent run {status}"):
+            ended.append(run.info.run_id)
+    return ended
+
+
+def log_checkpoint_inputs(run_id: str, checkpoints: list[dict]) -> None:
+    """Each checkpoint as a dataset input of the run: its id as name, its content fingerprint as
+    digest, where it came from as source, its role (subject, control, method-check) as context."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for ck in checkpoints:
+        where = ck.get("location")
+        try:
+            source = resolve_dataset_source(where) if where else None
+        except mlflow.exceptions.MlflowException:
+            source = None
+        source = source or CodeDatasetSource(tags={"dwk.source": ck.get("source"), "id": ck["id"], "where": where})
+        ds = MetaDataset(source, name=ck["id"], digest=str(ck.get("fingerprint") or "")[:36] or None)
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", ck.get("role") or "")]))
+    for i in range(0, len(inputs), 100):
+        client().log_inputs(run_id, datasets=inputs[i:i + 100])
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str | None, interval_s: float | None = None) -> Iterator[None]:
+    """CPU, memory and (with nvidia-ml-py installed and a GPU) GPU use logged to ``run_id`` while the
+    body runs (MLflow's system metrics monitor; ``system/...`` metrics), one sample every
+    ``DWK_SYSTEM_METRICS_INTERVAL_S`` seconds (10)."""
+    if not run_id:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    interval_s = interval_s or float(os.environ.get("DWK_SYSTEM_METRICS_INTERVAL_S", "10"))
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def log_model(run_id: str, model, name: str) -> None:
+    """Log a trained torch module as an MLflow model of ``run_id`` and leave the run open.
+
+    ``mlflow.pytorch.log_model`` logs into the active run only, and leaving that context ends the
+    run; the run is set RUNNING again afterwards.
+    """
+    import mlflow.pytorch
+
+    client()
+    with mlflow.start_run(run_id=run_id):
+        # MLflow 3 saves torch models as exported graphs ('pt2', no pickle), traced on the example.
+        # pip_requirements given: skip MLflow's slow requirement inference.
+        example = np.zeros((2, model.n_taps), np.float32)
+        mlflow.pytorch.log_model(model, name=name, input_example=example, pip_requirements=["torch"])
+    client().update_run(run_id, status="RUNNING")
+
+
 def reopen_run(run_id: str, tags: dict[str, str] | None = None) -> bool:
     """Set an ended (or left RUNNING) run RUNNING again for a resumed dwk run; False when it is gone.
 
@@ -276,6 +402,10 @@ def closed_on_error(run_id: str | None) -> Iterator[None]:
         yield
     except BaseException as e:
         status = "KILLED" if _is_interrupt(e) else "FAILED"
+        try:
+            end_children(run_id, status, f"parent run {status}: {type(e).__name__}")
+        except Exception:  # noqa: BLE001 - the original error matters more; the next start reaps them
+            logger.warning("could not end the child runs of MLflow run %s", run_id, exc_info=True)
         end_quietly(run_id, status, f"{type(e).__name__}: {e}")
         logger.info("MLflow run %s ended %s (%s)", run_id, status, type(e).__name__)
         raise
@@ -332,21 +462,9 @@ def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> N
     client().log_artifact(run_id, str(path), artifact_path)
 
 
-def finish_run(run_id: str, models: dict[str, Any], status: str = "FINISHED") -> None:
-    """Log trained torch modules as MLflow models linked to the run, then close the run.
-
-    ``mlflow.pytorch.log_model`` only logs into the active run, and leaving that context ends the
-    run, so models are logged last, together with the run's end.
-    """
-    import mlflow.pytorch
-
-    client()
-    with mlflow.start_run(run_id=run_id):
-        for name, model in models.items():
-            # MLflow 3 saves torch models as exported graphs ('pt2', no pickle), traced on the example.
-            # pip_requirements given: skip MLflow's slow requirement inference.
-            example = np.zeros((2, model.n_taps), np.float32)
-            mlflow.pytorch.log_model(model, name=name, input_example=example, pip_requirements=["torch"])
+def finish_run(run_id: str, status: str = "FINISHED") -> None:
+    """End a parent run and its children still open."""
+    end_children(run_id, status)
     end_run(run_id, status)
 
 

@@ -45,6 +45,6 @@ def analyze_flow(config: RunConfig, run_id: str, extracted: list[dict], failed: 
         # SIGTERM reaches the main thread and stops clustering within seconds; a worker thread would
         # keep the process alive until its group was done.
         cluster_task(config, run_id, shape, models[shape])  # writes the group's result record to the store
-    summary = finalize_task(config, run_id, models, mlflow_run_id)
+    summary = finalize_task(config, run_id, mlflow_run_id)
     publish_task(summary)
     return summary

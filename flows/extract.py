@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dwk import pipeline, retry, sources
+from dwk import pipeline, progress, retry, sources
 from dwk.config import RunConfig
 from dwk.errors import CheckpointsFailedError
 from tasks import extract_checkpoint_task
@@ -23,7 +23,8 @@ def extract_flow(config: RunConfig) -> dict:
     futures = task.map(config.checkpoints, config.store, pipeline.data_dir(config), config.chunk_kernels,
                        pipeline.regular_max_per_layer(config))
     extracted, failed = [], []
-    for spec, fut in zip(config.checkpoints, futures):
+    for spec, fut in progress.track(zip(config.checkpoints, futures), "extracting checkpoints",
+                                    total=len(config.checkpoints)):
         result = fut.result(raise_on_failure=False)
         if isinstance(result, BaseException):
             reason = getattr(result, "reason", None) or f"{type(result).__name__}: {result}"

@@ -44,8 +44,8 @@ def cluster_task(config: RunConfig, run_id: str, shape: str, model_path: str) ->
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def finalize_task(config: RunConfig, run_id: str, models: dict, mlflow_run_id: str | None) -> dict:
-    return pipeline.finalize(config, run_id, models, mlflow_run_id)
+def finalize_task(config: RunConfig, run_id: str, mlflow_run_id: str | None) -> dict:
+    return pipeline.finalize(config, run_id, mlflow_run_id)
 
 
 @task(name="publish", cache_policy=NO_CACHE)

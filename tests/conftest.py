@@ -10,6 +10,8 @@ import pytest
 # Offline by construction: no test may reach the Hugging Face Hub (the network tests opt back in).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dwk")
+# dwk logs at INFO (dwk/__init__.py); outside a flow run those lines are no flow-run logs: no warning each.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 @pytest.fixture(scope="session")

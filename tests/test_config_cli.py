@@ -50,10 +50,11 @@ def test_sources_and_validation(tmp_path):
     assert load_config(p).checkpoints[0].file == str((tmp_path / "w/x.safetensors").resolve())
 
 
-def test_flat_params_key_checkpoints_by_id():
+def test_flat_params_name_checkpoints_without_a_column_each():
     params = load_config().flat_params()
-    assert params["checkpoints.planted-population-7x7.planted.seed"] == 2
-    assert params["checkpoints.mobilenet_v2.in1k.arch"] == "torchvision:mobilenet_v2"
+    assert params["checkpoints.n"] == 7 and params["checkpoints.ids"].split(",")[:2] == [
+        "efficientnet_lite0.in1k", "mobilenet_v2.in1k"]
+    assert not any(k.startswith("checkpoints.") and k not in ("checkpoints.n", "checkpoints.ids") for k in params)
     assert params["autoencoder.latent_dim"] == 1 and params["cluster.tau"] == 0.7
 
 

@@ -32,6 +32,7 @@ EXPECTED = {
     "dwk-extract/cpu": "dwk-cpu",
     "dwk-analyze/cpu": "dwk-cpu",
     "dwk-train/gpu": "dwk-gpu",
+    "dwk-train-classifier/gpu": "dwk-gpu",
 }
 # Services that run dwk code against the store (Prefect flow runs, Dask tasks).
 STORE_SERVICES = ("prefect-worker-cpu", "prefect-worker-gpu", "dask-worker")

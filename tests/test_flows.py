@@ -62,8 +62,12 @@ def test_flow_run_is_in_mlflow(flow_run):
     summary = state.result()
     run = mlflow.tracking.MlflowClient().get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == summary["run_id"]
-    assert {"classified_share_3x3", "classified_share_7x7", "tau_null_7x7", "n_failed_checkpoints"} <= set(run.data.metrics)
     assert run.data.metrics["n_failed_checkpoints"] == 1
+    c = mlflow.tracking.MlflowClient()
+    kids = c.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    assert {k.data.tags["dwk.group"] for k in kids} == {"3x3", "7x7", "regular-3x3"}
+    assert all(k.info.status == "FINISHED" and "classified_share" in k.data.metrics for k in kids)
+    assert run.data.tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{state.state_details.flow_run_id}")
     assert run.data.params["cluster.mode"] == "kmeans"
     # Issue 10: who held the run open (host, pid) and the Prefect flow run it belongs to.
     import os

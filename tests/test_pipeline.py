@@ -1,5 +1,6 @@
 """The pipeline end to end in-process (no Prefect), with bad inputs beside good ones."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ def bad_inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, bad_inputs, mlflow_uri):
     tmp = tmp_path_factory.mktemp("pipe")
+    os.environ["DWK_SYSTEM_METRICS_INTERVAL_S"] = "0.2"  # a sample within the few seconds of training
     cfg = tiny_config(tmp, checkpoints=[
         dict(id="planted-test_convnext", arch="test_convnext", planted=dict(seed=0, noise_share=0.1)),
         dict(id="null-test_convnext", arch="test_convnext", pretrained=False, seed=0),
@@ -90,7 +92,15 @@ def test_summary_and_contrast(first_run):
         assert (cfg.out / s["run_id"] / "figures" / fig).stat().st_size > 1000
 
 
+def children_of(c, run) -> dict:
+    """The child runs of a parent run, by analysis group."""
+    kids = c.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    return {k.data.tags["dwk.group"]: k for k in kids}
+
+
 def test_mlflow_holds_the_run(first_run):
+    """A parent run per pipeline run, a child per analysis group with the same metric names,
+    checkpoints as dataset inputs, provenance tags, the autoencoders logged in the children."""
     import mlflow
 
     cfg, s = first_run
@@ -98,16 +108,35 @@ def test_mlflow_holds_the_run(first_run):
     run = c.get_run(s["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["autoencoder.epochs"] == "15"
-    assert run.data.params["checkpoints.planted-test_convnext.arch"] == "test_convnext"
-    assert abs(run.data.metrics["classified_share_7x7"] - s["shapes"]["7x7"]["classified_share"]) < 1e-9
-    losses = c.get_metric_history(run.info.run_id, "loss_7x7")
-    assert len(losses) == 15 and losses[-1].value < losses[0].value
+    assert run.data.params["checkpoints.n"] == "6"
+    assert run.data.params["checkpoints.ids"].split(",")[:2] == ["planted-test_convnext", "null-test_convnext"]
+    assert not any(k.startswith("checkpoints.planted") for k in run.data.params)  # not flattened
+    assert run.data.tags["dwk.version"] and len(run.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40
+    assert run.data.metrics["n_groups"] == 2 and run.data.metrics["n_failed_checkpoints"] == 3
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}  # the checkpoints that extracted
+    assert set(inputs) == {"planted-test_convnext", "null-test_convnext", "nan-weights"}
+    assert {t.value for t in inputs["null-test_convnext"].tags} == {"control"}
+    kids = children_of(c, run)
+    assert set(kids) == {"7x7", "planted-7x7"}
+    for group, kid in kids.items():
+        assert kid.info.status == "FINISHED" and kid.info.run_name == f"{s['run_id']}/{group}"
+        assert {"classified_share", "tau_null", "n_clusters", "final_loss", "control.seed_stability.ari_mean"} \
+            <= set(kid.data.metrics)
+        assert abs(kid.data.metrics["classified_share"] - s["shapes"][group]["classified_share"]) < 1e-9
+        losses = c.get_metric_history(kid.info.run_id, "loss")
+        assert len(losses) == 15 and losses[-1].value < losses[0].value
+        assert any(m.startswith("system/cpu") for m in kid.data.metrics)  # system metrics while training
+        figs = {a.path for a in c.list_artifacts(kid.info.run_id, "figures")}
+        assert f"figures/gallery-{group}.png" in figs
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                             filter_string=f"source_run_id = '{kid.info.run_id}'", output_format="list")
+        assert [m.name for m in models] == ["autoencoder"]
+    assert kids["planted-7x7"].data.metrics["planted_ari"] == s["shapes"]["planted-7x7"]["planted"][
+        "planted-test_convnext"]["ari"]
     arts = {a.path for a in c.list_artifacts(run.info.run_id, "tables")}
     assert {"tables/checkpoints.json", "tables/layers.json", "tables/clusters.json"} <= arts
     figs = {a.path for a in c.list_artifacts(run.info.run_id, "figures")}
     assert "figures/gallery-7x7.png" in figs and "figures/tau-curve-7x7.png" in figs
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
-    assert sorted(m.name for m in models) == ["autoencoder-7x7", "autoencoder-planted-7x7"]
 
 
 def test_second_run_skips_extraction_and_gives_the_same_numbers(first_run, caplog):
@@ -160,7 +189,7 @@ def test_controls_reported_and_tracked(first_run):
     named = [c for c in s["shapes"]["planted-7x7"]["clusters"] if not c["name"].startswith("unnamed")]
     assert named and all(c["dog_fit"]["cos"] > 0.8 for c in named)
     run = mlflow.tracking.MlflowClient().get_run(s["mlflow_run_id"])
-    assert "control.7x7.seed_stability.ari_mean" in run.data.metrics
+    assert "control.seed_stability.ari_mean" in children_of(mlflow.tracking.MlflowClient(), run)["7x7"].data.metrics
     arts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id, "tables")}
     assert "tables/controls.json" in arts
 
