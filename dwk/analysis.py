@@ -74,10 +74,17 @@ def train_shape(
     model_dir: Path,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[Path, list[float]]:
-    """Train the autoencoder of one shape group on its fit set; save it; return (path, losses)."""
-    x = store.run_array(run_id, shape, "normalized")[:]
-    mask = fit_mask(store.run_array(run_id, shape, "status")[:], kernel_table(store, run_id, shape)["control"])
-    model, losses = ae.train(x[mask], cfg.autoencoder, on_epoch=on_epoch)
+    """Train the autoencoder of one shape group on its fit set (a seeded sample of at most
+    ``autoencoder.max_train_kernels`` of it); save it; return (path, losses)."""
+    arr = store.run_array(run_id, shape, "normalized")
+    idx = np.flatnonzero(fit_mask(store.run_array(run_id, shape, "status")[:],
+                                  kernel_table(store, run_id, shape)["control"]))
+    cap, n_fit = cfg.autoencoder.max_train_kernels, len(idx)
+    if n_fit > cap:  # sorted, so the rows are read chunk by chunk, in order
+        idx = np.sort(np.random.default_rng(cfg.autoencoder.seed).choice(idx, cap, replace=False))
+        logger.info("%s: training on a seeded sample of %d of %d fit kernels (max_train_kernels)", shape, cap, n_fit)
+    x = arr.oindex[idx, :] if len(idx) < arr.shape[0] else arr[:]
+    model, losses = ae.train(x, cfg.autoencoder, on_epoch=on_epoch)
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_path(model_dir, shape)
     ae.save(model, path)

@@ -82,20 +82,28 @@ def train(
     data = torch.as_tensor(x, dtype=torch.float32, device=device)  # the shape group fits in memory
     bs = min(cfg.batch_size, len(x))
     steps_per_epoch = math.ceil(len(x) / bs)
+    # The budget: epochs x steps per epoch, cut to max_steps (the last epoch may be partial), so the
+    # training time is bounded whatever the number of kernels.
+    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.epochs * steps_per_epoch,
+                                                                                  cfg.max_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)
     # Fused Adam on the GPU: one kernel for all parameters instead of several per tensor; the MLP is
     # so small that launches, not arithmetic, set the speed there.
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     losses: list[float] = []
-    logger.info("training autoencoder on %d kernels of %d taps (d=%d) on %s for %d epochs",
-                len(x), x.shape[1], cfg.latent_dim, device, cfg.epochs)
+    logger.info("training autoencoder on %d kernels of %d taps (d=%d) on %s: %d steps of %d (%d epochs%s)",
+                len(x), x.shape[1], cfg.latent_dim, device, total_steps, bs, epochs,
+                f", cut from {cfg.epochs} by max_steps {cfg.max_steps}" if epochs < cfg.epochs else "")
     model.train()
-    for epoch in progress.track(range(cfg.epochs), f"training autoencoder ({x.shape[1]} taps, {len(x)} kernels)"):
+    step = 0
+    for epoch in progress.track(range(epochs), f"training autoencoder ({x.shape[1]} taps, {len(x)} kernels)"):
         perm = torch.randperm(len(x), generator=gen).to(device)
         # Summed on the device and read once per epoch: a loss.item() per step made the CPU wait
         # for the GPU at every step.
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for i in range(steps_per_epoch):
+        seen = 0
+        for i in range(min(steps_per_epoch, total_steps - step)):
             batch = data[perm[i * bs:(i + 1) * bs]]
             loss = cosine_loss(batch, model(batch))
             opt.zero_grad(set_to_none=True)
@@ -103,11 +111,13 @@ def train(
             opt.step()
             sched.step()
             total += loss.detach().double() * len(batch)
-        losses.append(total.item() / len(x))
+            seen += len(batch)
+        step += i + 1
+        losses.append(total.item() / seen)
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
-        if (epoch + 1) % cfg.log_every == 0 or epoch + 1 == cfg.epochs:
-            logger.info("epoch %d/%d: cosine loss %.4f", epoch + 1, cfg.epochs, losses[-1])
+        if (epoch + 1) % cfg.log_every == 0 or epoch + 1 == epochs:
+            logger.info("epoch %d/%d: cosine loss %.4f", epoch + 1, epochs, losses[-1])
     return model.cpu().eval(), losses
 
 

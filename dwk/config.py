@@ -226,6 +226,12 @@ class AutoencoderConfig(_Strict):
     sigmoid: bool = True
     hidden: tuple[int, ...] = (256, 128)
     epochs: int = Field(300, ge=1)
+    max_steps: int | None = Field(
+        5000, ge=1, description="training budget in optimizer steps: epochs are cut to fit it, so training "
+        "time does not grow with the number of kernels (None: every epoch)")
+    max_train_kernels: int = Field(
+        262_144, ge=2, description="train on a seeded sample of at most this many fit kernels (memory and "
+        "device use bounded whatever the group's size)")
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     seed: int = 0

@@ -32,3 +32,18 @@ def test_seeded_and_latent_dim():
     assert l1 == l2
     assert ae.encode(m1, x).shape == (300, 4)
     assert torch.equal(m1.encoder[0].weight, m2.encoder[0].weight)
+
+
+def test_training_budget_in_steps_does_not_grow_with_the_kernels(caplog):
+    """max_steps cuts the epochs (the last one partial): ten times the kernels, the same steps."""
+    rng = np.random.default_rng(0)
+    cfg = AutoencoderConfig(epochs=50, batch_size=100, max_steps=125, hidden=(16,))
+    caplog.set_level("INFO", logger="dwk.autoencoder")
+    for n, epochs in ((1000, 13), (10_000, 2)):  # 10 and 100 steps per epoch
+        x = rng.standard_normal((n, 9)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        _, losses = ae.train(x, cfg)
+        assert len(losses) == epochs
+        assert f"125 steps of 100 ({epochs} epochs, cut from 50 by max_steps 125)" in caplog.text
+    _, losses = ae.train(x[:1000], cfg.model_copy(update=dict(max_steps=None)))
+    assert len(losses) == 50  # no budget: every epoch
