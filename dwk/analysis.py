@@ -91,21 +91,52 @@ def train_shape(
     return path, losses
 
 
+def fit_sample(fit: np.ndarray, ckpt: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Indices of the kernels the clusters are fitted on: every fit kernel, or, beyond ``cap``, a
+    seeded sample stratified by checkpoint (each contributes its share), sorted (read in order)."""
+    idx = np.flatnonzero(fit)
+    if len(idx) <= cap:
+        return idx
+    rng = np.random.default_rng(seed)
+    owners, counts = np.unique(ckpt[idx], return_counts=True)
+    take = np.floor(counts / counts.sum() * cap).astype(int)
+    take[np.argsort(-(counts / counts.sum() * cap - take))[: cap - take.sum()]] += 1  # largest remainders
+    parts = [rng.choice(idx[ckpt[idx] == o], t, replace=False) for o, t in zip(owners, take) if t]
+    return np.sort(np.concatenate(parts))
+
+
+def _blocks(n: int, size: int):
+    for a in range(0, n, size):
+        yield a, min(n, a + size)
+
+
 def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, model_path: Path) -> dict:
     """Cut clusters, name them, classify every kernel of the shape group, run the controls.
+
+    The clusters are fitted on the fit kernels, or on a seeded sample of ``cluster.max_fit_kernels``
+    of them stratified by checkpoint; every kernel is then assigned chunk by chunk (memory bounded by
+    the sample, not the group). A fit kernel's classifying cosine is out of sample either way: the
+    sample's through cross-fitting, the others' because no fit saw them.
 
     Writes ``code``, ``cluster`` (-1 for rejected kernels), ``cosine`` (NaN for rejected kernels,
     -inf in minor clusters) and ``prototypes`` to the store, and returns the shape's summary.
     """
     cc, ctl = cfg.cluster, cfg.controls
-    x = store.run_array(run_id, shape, "normalized")[:].astype(np.float64)
+    arr = store.run_array(run_id, shape, "normalized")
+    n_all = arr.shape[0]
     status = store.run_array(run_id, shape, "status")[:]
     table = kernel_table(store, run_id, shape)
     ok = status == STATUS_OK
     fit = fit_mask(status, table["control"])
-    x_fit = x[fit]
+    sample = fit_sample(fit, table["ckpt"], cc.max_fit_kernels, cc.seed)
+    in_sample = np.zeros(n_all, bool)
+    in_sample[sample] = True
+    x_fit = (arr[:] if len(sample) == n_all else arr.oindex[sample, :]).astype(np.float64)
+    if len(sample) < fit.sum():
+        logger.info("%s: clusters fitted on a stratified sample of %d of %d fit kernels (max_fit_kernels)", shape,
+                    len(sample), int(fit.sum()))
     model = ae.load(model_path)
-    noise = noise_kernels(cc.n_null, x.shape[1], cfg.normalize.method, cc.seed + 1_000_003)
+    noise = noise_kernels(cc.n_null, arr.shape[1], cfg.normalize.method, cc.seed + 1_000_003)
     kshape = group_shape(shape)
     common = dict(min_share=cc.min_share, alpha=cc.alpha)
 
@@ -113,25 +144,42 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
     if model.latent_dim == 1:
         paper = fit_clusters(PaperClusterer(model, cc.grid, cc.paper_merge_cos).fit(x_fit), x_fit, noise, **common)
     selection, est = None, None
-    labels = np.full(len(x), -1, np.int32)
-    cos = np.full(len(x), np.nan, np.float32)
     if cc.mode == "paper":
         if paper is None:
             raise ValueError("cluster.mode 'paper' needs autoencoder.latent_dim: 1")
         primary = paper
-        labels[ok], cos[ok] = primary.assign(x[ok])
         tau_null, null_cos = primary.tau_null, primary.null_cos
     else:
         est = KernelClusterer.from_config(cc, kshape, cfg.normalize.method).fit(x_fit)
         primary, selection = est.fitted_, est.selection_
-        labels[ok] = primary.clusterer.predict(x[ok])
-        cos[fit] = est.cosines_  # out of sample when cross-fitted
-        if (ok & ~fit).any():
-            cos[ok & ~fit] = est.score_samples(x[ok & ~fit])  # controls: never in the fit
         tau_null = est.tau_null_
         null_cos = est.crossfit_.null_cos if est.crossfit_ is not None else primary.null_cos
-    codes = np.full((len(x), model.latent_dim), np.nan, np.float32)
-    codes[ok] = ae.encode(model, x[ok].astype(np.float32))
+    # Assignment, chunk by chunk (float32 storage, float64 arithmetic per chunk only).
+    labels = np.full(n_all, -1, np.int32)
+    cos = np.full(n_all, np.nan, np.float32)
+    codes = np.full((n_all, model.latent_dim), np.nan, np.float32)
+    paper_lab = np.full(n_all, -1, np.int32) if paper is not None else None
+    outside_all = ok & ~in_sample  # scored against the fit, not fitted on (controls; beyond the sample)
+    folds = est.new_folds(int(outside_all.sum())) if est is not None else None
+    for a, b in _blocks(n_all, max(cfg.chunk_kernels, 1)):
+        okb = ok[a:b]
+        if not okb.any():
+            continue
+        xb = arr[a:b].astype(np.float64)[okb]
+        rows = np.flatnonzero(okb) + a
+        if est is None:
+            labels[rows], cos[rows] = primary.assign(xb)
+        else:
+            labels[rows] = primary.clusterer.predict(xb)
+            outside = ~in_sample[rows]
+            if outside.any():
+                first = int(outside_all[:a].sum())
+                cos[rows[outside]] = est.score_samples(xb[outside], fold=folds[first:first + int(outside.sum())])
+        codes[rows] = ae.encode(model, xb.astype(np.float32))
+        if paper_lab is not None:
+            paper_lab[rows] = paper.clusterer.predict(xb)
+    if est is not None:
+        cos[sample] = est.cosines_  # out of sample when cross-fitted
     chunk = cfg.chunk_kernels
     store.write_run_array(run_id, shape, "cluster", labels, chunk, ("kernel",))
     store.write_run_array(run_id, shape, "cosine", cos, chunk, ("kernel",))
@@ -151,7 +199,7 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
         clusters.append(c)
     summary = dict(
         shape=shape,
-        n_kernels=int(len(x)),
+        n_kernels=int(n_all),
         n_fit=int(fit.sum()),
         n_dead=int((status == STATUS_DEAD).sum()),
         n_rejected=int((~ok).sum()),
@@ -173,12 +221,13 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
     if selection is not None:
         summary["selection"] = selection
         summary["controls"]["seed_stability"] = selection["seed_stability"]
-    if ctl.kmeans and fit.sum() > primary.clusterer.n_clusters_:
-        km = kmeans_baseline(x_fit, primary.clusterer.n_clusters_, noise, fit_lab, seed=cc.seed,
+    sample_lab = labels[sample]
+    if ctl.kmeans and len(sample) > primary.clusterer.n_clusters_:
+        km = kmeans_baseline(x_fit, primary.clusterer.n_clusters_, noise, sample_lab, seed=cc.seed,
                              max_fit=cc.max_fit_kernels, **common)
         summary["controls"]["kmeans"] = {k: v for k, v in km.items() if k != "labels"}
     if ctl.master_key:
-        summary["controls"]["master_key"] = master_key_fit(x_fit, primary.prototypes, fit_lab)
+        summary["controls"]["master_key"] = master_key_fit(x_fit, primary.prototypes, sample_lab)
     if paper is not None:
         summary["paper"] = _paper_summary(paper, x_fit, kshape, cc.name_cos)
     # Planted-structure recovery, per checkpoint that carries planted labels.
@@ -189,15 +238,14 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
         planted[ckpt_ids[i]] = planted_recovery(table["label"][m], labels[m], cos[m], tau_null,
                                                 [n["name"] for n in names], [c.name for c in STANDARD_CLASSES])
         if ctl.kmeans:
-            s = m & (table["label"] >= 0)
+            s = m & (table["label"] >= 0) & in_sample
             planted[ckpt_ids[i]]["kmeans_ari_true_k"] = kmeans_true_k_ari(
-                x[s], table["label"][s], seed=cc.seed, max_fit=cc.max_fit_kernels)
+                x_fit[s[sample]], table["label"][s], seed=cc.seed, max_fit=cc.max_fit_kernels)
     if planted:
         summary["planted"] = planted
         if paper is not None:  # how the paper's 1-D code intervals recover the same planted classes
             from sklearn.metrics import adjusted_rand_score
 
-            paper_lab = paper.clusterer.predict(x)
             summary["paper"]["planted_ari"] = {}
             for i in np.unique(table["ckpt"][fit & (table["label"] >= 0)]):
                 m = fit & (table["label"] >= 0) & (table["ckpt"] == i)

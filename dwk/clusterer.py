@@ -208,14 +208,19 @@ class KernelClusterer(ClusterMixin, BaseEstimator):
         X = validate_data(self, X, dtype=np.float64, reset=False)
         return self.fitted_.clusterer.predict(self._unit(X))
 
-    def score_samples(self, X) -> np.ndarray:
+    def new_folds(self, n: int) -> np.ndarray:
+        """The folds ``score_samples`` draws for ``n`` new kernels (seeded): give slices of it to
+        ``score_samples(..., fold=)`` to score many kernels chunk by chunk exactly as in one call."""
+        return np.random.default_rng(self.random_state + 104729).integers(0, 2, n)
+
+    def score_samples(self, X, fold: np.ndarray | None = None) -> np.ndarray:
         """Each new kernel's classifying cosine, measured like the training kernels (against one
-        fold's clusters, drawn at random, when cross-fitted); classified when >= ``tau_null_``."""
+        fold's clusters, drawn at random or given by ``fold``, when cross-fitted); classified when
+        >= ``tau_null_``."""
         from sklearn.utils.validation import check_is_fitted, validate_data
 
         check_is_fitted(self)
         x = self._unit(validate_data(self, X, dtype=np.float64, reset=False))
         if self.crossfit_ is None:
             return self.fitted_.assign(x)[1]
-        fold = np.random.default_rng(self.random_state + 104729).integers(0, 2, len(x))
-        return self.crossfit_.cosines(x, fold)
+        return self.crossfit_.cosines(x, self.new_folds(len(x)) if fold is None else fold)
