@@ -23,6 +23,11 @@ def checkpoint_table_text(rows: list[dict]) -> str:
     The ``role`` column tells real (trained) checkpoints from their random-init controls and from
     the planted checks of the method, whose labels are known.
     """
+    return _fixed_width(*checkpoint_table(rows))
+
+
+def checkpoint_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The per-checkpoint table as header and formatted cells (the text table and ``report.html`` show these)."""
     head = ["checkpoint", "role", "source", "kernels", "dead", "classified@tau_null", "classified@tau",
             "top clusters"]
     regular = any("regular_classified_share" in r for r in rows)
@@ -49,6 +54,10 @@ def checkpoint_table_text(rows: list[dict]) -> str:
             what = (r.get("data"), r.get("resolution") and f"{r['resolution']}px",
                     r.get("top1") and f"top-1 {r['top1']:.1f}%")
             body[-1].insert(3, ", ".join(x for x in what if x) or "-")
+    return head, body
+
+
+def _fixed_width(head: list[str], body: list[list[str]]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
@@ -202,12 +211,15 @@ def controls_rows(summary: dict) -> list[dict]:
 
 
 def controls_text(rows: list[dict]) -> str:
-    head = ("shape", "control", "metric", "value")
-    body = [(r["shape"], r["control"], r["metric"], f"{r['value']:.4g}" if isinstance(r["value"], float) else str(r["value"]))
+    return _fixed_width(*controls_table(rows))
+
+
+def controls_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The controls rows (``controls_rows``) as header and formatted cells."""
+    head = ["shape", "control", "metric", "value"]
+    body = [[r["shape"], r["control"], r["metric"], f"{r['value']:.4g}" if isinstance(r["value"], float) else str(r["value"])]
             for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)])
+    return head, body
 
 
 def checkpoint_tau_curves(rows: list[dict], taus: list[float]):

@@ -213,43 +213,59 @@ def test_closed_on_error_ends_runs_failed_or_killed(mlflow_uri):
 
 
 # ----------------------------------------------------------------------------- signals
+def sigterm_when(args: list[str], env: dict, cwd: Path, ready, *, wait_s: float = 400, settle_s: float = 0,
+                 exit_timeout_s: float = 60) -> tuple[int, float, str]:
+    """Run ``dwk ARGS``; once ``ready()`` is true, send SIGTERM; return (exit status, seconds from the
+    signal to the exit, the process's output)."""
+    log_path = cwd / "log.txt"
+    log = log_path.open("w")
+    proc = subprocess.Popen(DWK + args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.5)
+        assert proc.poll() is None and ready(), log_path.read_text()[-3000:]
+        time.sleep(settle_s)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=exit_timeout_s)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    return rc, took, log_path.read_text()
+
+
+def parent_runs_once_training(experiment: str) -> list:
+    """The parent MLflow runs of ``experiment`` once a child logs a training loss (else [])."""
+    from dwk import tracking
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id]) if exp else []
+    if any("loss" in r.data.metrics for r in runs):
+        return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return []
+
+
 def test_sigterm_during_analysis_stops_dwk_run_within_seconds(tmp_path, mlflow_uri):
     from dwk import tracking
 
     experiment = f"sigterm-{os.getpid()}"
     # Training long enough to be interrupted in the middle of the analysis.
     cfg = write_config(tmp_path, checkpoints=[PLANTED], experiment=experiment,
-                       autoencoder=dict(epochs=100000, batch_size=128))
+                       autoencoder=dict(epochs=100000, max_steps=None, batch_size=128))
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, HF_HUB_OFFLINE="1")
-    log = (tmp_path / "log.txt").open("w")
-    proc = subprocess.Popen(DWK + ["run", "--no-prefect", "--config", str(cfg)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=tmp_path)
-    c = tracking.client()
-    try:
-        deadline = time.monotonic() + 240
-        runs = []
-        while time.monotonic() < deadline and proc.poll() is None:
-            exp = c.get_experiment_by_name(experiment)
-            runs = c.search_runs([exp.experiment_id]) if exp else []
-            if any("loss" in r.data.metrics for r in runs):  # training has begun (in a group's child run)
-                runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-                break
-            time.sleep(1)
-        assert runs and proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=30)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    text = (tmp_path / "log.txt").read_text()
+    runs = []
+    rc, took, text = sigterm_when(["run", "--no-prefect", "--config", str(cfg)], env, tmp_path,
+                                  lambda: bool(runs.extend(parent_runs_once_training(experiment)) or runs),
+                                  wait_s=240, exit_timeout_s=30)
     print(f"SIGTERM to exit: {took:.1f}s")
     assert rc == 143, text[-3000:]
     assert took < 10, f"took {took:.1f}s"
     assert "stopped by SIGTERM" in text and "Traceback" not in text
-    run = c.get_run(runs[0].info.run_id)
+    run = tracking.client().get_run(runs[0].info.run_id)
     assert run.info.status == "KILLED"
     assert "Interrupted" in run.data.tags[tracking.TAG_END_REASON]
     # The store stays usable: the checkpoint is complete and verifies.
@@ -286,33 +302,13 @@ def test_sigterm_under_prefect_stops_within_seconds_and_the_run_resumes(tmp_path
                        autoencoder=dict(epochs=400, batch_size=128))
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect"))
     env.pop("PREFECT_API_URL", None)
-    log = (tmp_path / "log.txt").open("w")
-    proc = subprocess.Popen(DWK + ["run", "--config", str(cfg)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=tmp_path)
-    c = tracking.client()
-    try:
-        deadline = time.monotonic() + 400
-        runs = []
-        while time.monotonic() < deadline and proc.poll() is None:
-            exp = c.get_experiment_by_name(experiment)
-            runs = c.search_runs([exp.experiment_id]) if exp else []
-            if any("loss" in r.data.metrics for r in runs):
-                runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-                break
-            time.sleep(1)
-        assert runs and proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    text = (tmp_path / "log.txt").read_text()
+    runs = []
+    rc, took, text = sigterm_when(["run", "--config", str(cfg)], env, tmp_path,
+                                  lambda: bool(runs.extend(parent_runs_once_training(experiment)) or runs))
     print(f"SIGTERM to exit under Prefect: {took:.1f}s")
     assert rc == 143, text[-3000:]
     assert took < 15, f"took {took:.1f}s"
+    c = tracking.client()
     mlflow_id = runs[0].info.run_id
     assert c.get_run(mlflow_id).info.status == "KILLED"
     store = KernelStore(tmp_path / "store.zarr", create=False)
@@ -327,7 +323,6 @@ def test_sigterm_under_prefect_stops_within_seconds_and_the_run_resumes(tmp_path
 @pytest.mark.parametrize("prefect", [False, True], ids=["no-prefect", "prefect"])
 def test_sigterm_during_clustering_stops_within_seconds(tmp_path, mlflow_uri, prefect):
     """Finding 10 of issue 10: SIGTERM in clustering (where `dwk run` on 1M kernels once ignored it)."""
-    from dwk import pipeline as pl
     from dwk.store import KernelStore
 
     big = dict(id="pop", planted=dict(shape=[7, 7], n=150_000, noise_share=0.2, seed=3))
@@ -335,34 +330,19 @@ def test_sigterm_during_clustering_stops_within_seconds(tmp_path, mlflow_uri, pr
                        autoencoder=dict(epochs=1, batch_size=1024), cluster=dict(n_init_clusters=48))
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect"))
     env.pop("PREFECT_API_URL", None)
-    log = (tmp_path / "log.txt").open("w")
-    proc = subprocess.Popen(DWK + ["run", "--config", str(cfg)] + ([] if prefect else ["--no-prefect"]), env=env,
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 500
-        trained = False
-        while time.monotonic() < deadline and proc.poll() is None and not trained:
-            try:
-                store = KernelStore(tmp_path / "store.zarr", create=False)
-                trained = any(store.stage_record(r, "7x7", "train") for r in store.run_ids())
-            except Exception:  # noqa: BLE001 - not written yet
-                pass
-            time.sleep(0.5)
-        assert trained and proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
-        time.sleep(5)  # well into the clustering
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    text = (tmp_path / "log.txt").read_text()
+
+    def trained() -> bool:
+        try:
+            store = KernelStore(tmp_path / "store.zarr", create=False)
+            return any(store.stage_record(r, "7x7", "train") for r in store.run_ids())
+        except Exception:  # noqa: BLE001 - not written yet
+            return False
+
+    rc, took, text = sigterm_when(["run", "--config", str(cfg)] + ([] if prefect else ["--no-prefect"]), env,
+                                  tmp_path, trained, wait_s=500, settle_s=5)  # well into the clustering
     print(f"SIGTERM in clustering to exit ({'prefect' if prefect else 'no prefect'}): {took:.1f}s")
     assert rc == 143, text[-3000:]
     assert took < 15, f"took {took:.1f}s"
     store = KernelStore(tmp_path / "store.zarr", create=False)
     (run_id,) = store.run_ids()
     assert store.stage_record(run_id, "7x7", "cluster") is None and store.stage_record(run_id, "7x7", "train")
-    assert pl.STAGES[-1] == "cluster"
