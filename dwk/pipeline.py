@@ -20,6 +20,7 @@ from dwk.config import CheckpointSpec, DaskConfig, RunConfig
 from dwk.errors import CheckpointsFailedError, NoDepthwiseError
 from dwk.extract import (
     EXTRACTOR_VERSION,
+    Extracted,
     PLANTED_PREFIX,
     REGULAR_PREFIX,
     extract_model,
@@ -65,17 +66,9 @@ def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, 
         return dict(id=spec.id, source=src.kind, status="skipped", n_kernels=rec.n_kernels, shapes=rec.shapes,
                     fingerprint=fp)
     t0 = time.perf_counter()
-    loaded = src.load()
-    if loaded.extracted is not None:
-        extracted = loaded.extracted
-    else:
-        try:
-            extracted = extract_model(loaded.model, labels=loaded.labels,
-                                      reparameterize=spec.reparameterize and loaded.labels is None)
-        except NoDepthwiseError as e:  # bad input; any other error is dwk's or the environment's: not wrapped
-            raise sources.CheckpointError(spec.id, str(e)) from e
-        if regular_max_per_layer:
-            extracted = with_regular(extracted, extract_regular(loaded.model, regular_max_per_layer))
+    loaded, extracted = load_and_extract(src)
+    if regular_max_per_layer and loaded.model is not None:
+        extracted = with_regular(extracted, extract_regular(loaded.model, regular_max_per_layer))
     reserved = {"id", "source", "fingerprint", "extractor_version", "layers", "shapes", "complete"}
     extra = dict(model=spec.model_name if loaded.model is not None else None,
                  file=str(loaded.path) if loaded.path else None, reparameterized=extracted.reparameterized)
@@ -88,6 +81,23 @@ def extract_checkpoint(spec: CheckpointSpec, store_path: Path, data_path: Path, 
                 len(rec.layers), time.perf_counter() - t0)
     return dict(id=spec.id, source=src.kind, status="extracted", n_kernels=rec.n_kernels, shapes=rec.shapes,
                 fingerprint=fp)
+
+
+def load_and_extract(src: sources.Source) -> tuple[sources.Loaded, Extracted]:
+    """A source's checkpoint and its depthwise kernels (no store): what extraction and ``dwk.kernels`` share.
+
+    ``CheckpointError`` for bad input (one with a ``NoDepthwiseError`` as its cause when the model
+    has no depthwise convolution); any other error is dwk's or the environment's and is not wrapped.
+    """
+    loaded = src.load()
+    if loaded.extracted is not None:
+        return loaded, loaded.extracted
+    spec = src.spec
+    try:
+        return loaded, extract_model(loaded.model, labels=loaded.labels,
+                                     reparameterize=spec.reparameterize and loaded.labels is None)
+    except NoDepthwiseError as e:
+        raise sources.CheckpointError(spec.id, str(e)) from e
 
 
 def regular_max_per_layer(cfg: RunConfig) -> int | None:
