@@ -518,6 +518,15 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_init(args: argparse.Namespace) -> int:
+    """Create or update the Prefect server's global concurrency limits and work pools (dwk.cluster_setup)."""
+    from dwk import cluster_setup
+
+    for action in cluster_setup.init(gpus=args.gpus, downloads=args.downloads):
+        print(action)
+    return 0
+
+
 def _version() -> str:
     """dwk's installed version (package metadata), or the source tree's when dwk is not installed."""
     from importlib.metadata import PackageNotFoundError, version
@@ -633,6 +642,15 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--no-prefect", action="store_true", help="run the steps in this process, without Prefect")
     tc.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     tc.set_defaults(func=cmd_train_classifier)
+    cl = sub.add_parser("cluster", help="set up a Prefect server for dwk (`dwk cluster init`, docs/cluster.md)")
+    cl_sub = cl.add_subparsers(dest="cluster_cmd", required=True)
+    ci = cl_sub.add_parser("init", help="create or update the global concurrency limits dwk-hub-downloads and dwk-gpu "
+                                        "and the work pools dwk-cpu and dwk-gpu (idempotent; needs PREFECT_API_URL)")
+    ci.add_argument("--gpus", type=int, default=1,
+                    help="GPU trainings at once, cluster-wide: the number of GPUs (default 1)")
+    ci.add_argument("--downloads", type=int, default=2,
+                    help="Hugging Face Hub downloads at once, cluster-wide (default 2)")
+    ci.set_defaults(func=cmd_cluster_init)
     return p
 
 

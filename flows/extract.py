@@ -4,19 +4,23 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dwk import pipeline, progress, retry, sources
+from dwk import cluster_setup, pipeline, progress, retry, sources
 from dwk.config import RunConfig
 from dwk.errors import CheckpointsFailedError
 from tasks import extract_checkpoint_task
 
 
 @flow(name="dwk-extract", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def extract_flow(config: RunConfig) -> dict:
-    """Extract every checkpoint of ``config`` into its store.
+def extract_flow(config: RunConfig | None = None, config_path: str | None = None) -> dict:
+    """Extract every checkpoint of the run config (``config``, or the YAML file ``config_path``, one of
+    the two) into its store.
 
     Returns ``{"extracted": [...], "failed": [{id, source, error}]}``. Concurrency is bounded by the
-    task runner: ``bounded(config)`` gives this flow ``config.max_workers`` threads.
+    task runner: ``bounded(config)`` gives this flow ``config.max_workers`` threads (a deployment run
+    has the decorator's 4); Hub downloads are bounded per process (``DWK_HUB_MAX_PARALLEL``) and,
+    cluster-wide, by the global concurrency limit ``dwk-hub-downloads`` (``dwk cluster init``).
     """
+    config = cluster_setup.resolve_run_config(config, config_path)
     log = get_run_logger()
     task = extract_checkpoint_task.with_options(retries=config.retries,
                                                 retry_delay_seconds=retry.delays(config.retries, config.retry_backoff_s))

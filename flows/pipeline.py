@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dwk import pipeline, tracking
+from dwk import cluster_setup, pipeline, tracking
 from dwk.config import RunConfig
 from flows.analyze import analyze_flow
 from flows.extract import bounded
@@ -11,9 +11,14 @@ from tasks import start_tracking_task
 
 
 @flow(name="dwk-pipeline")
-def pipeline_flow(config: RunConfig, track: bool = True, resume: str | None = None) -> dict:
-    """Extract, then analyse as one run. ``resume``: the id of an unfinished run in ``config.store``,
-    which goes on with the config it started with and skips what it finished (``dwk.pipeline.run``)."""
+def pipeline_flow(config: RunConfig | None = None, track: bool = True, resume: str | None = None,
+                  config_path: str | None = None) -> dict:
+    """Extract, then analyse as one run. The run config is ``config`` or the YAML file ``config_path``
+    (read with ``dwk.config.load_config``; a relative path is taken from the working directory, on a
+    worker its checkout DWK_HOME), exactly one of the two. ``resume``: the id of an unfinished run in
+    ``config.store``, which goes on with the config it started with and skips what it finished
+    (``dwk.pipeline.run``)."""
+    config = cluster_setup.resolve_run_config(config, config_path)
     if track:
         tracking.preflight()  # in seconds, before any work
     if resume:

@@ -1,8 +1,10 @@
 """The multi-node deployment files agree with the code and with each other.
 
-Static checks only (no network, no servers, no Docker): deployments/prefect.yaml, docker-compose.yml,
-deployments/Dockerfile, deployments/.env.example, deployments/postgres-init.sql and
-configs/cluster.yaml (docs/cluster.md).
+Static checks (no network, no servers, no Docker): deployments/prefect.yaml, docker-compose.yml,
+deployments/Dockerfile, deployments/.env.example, deployments/postgres-init.sql, configs/cluster.yaml
+(the deployments' default run config, for a stack started by hand), configs/compose.yaml (the compose
+stack's) and configs/convnextv2-weekly.yaml (the weekly schedule's) (docs/cluster.md). The deployments
+registered for real and run by a real worker: tests/test_cluster_setup.py.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 import yaml
 from prefect import Flow
 
-from dwk.config import RunConfig, load_config
+from dwk.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
@@ -25,10 +27,12 @@ DOCKERFILE = ROOT / "deployments" / "Dockerfile"
 ENV_EXAMPLE = ROOT / "deployments" / ".env.example"
 PG_INIT = ROOT / "deployments" / "postgres-init.sql"
 CLUSTER_CONFIG = ROOT / "configs" / "cluster.yaml"
+COMPOSE_CONFIG = ROOT / "configs" / "compose.yaml"
 
 # flow name / deployment name -> work pool: what flows/analyze.py and docs/cluster.md rely on.
 EXPECTED = {
     "dwk-pipeline/cpu": "dwk-cpu",
+    "dwk-pipeline/weekly-convnextv2": "dwk-cpu",
     "dwk-extract/cpu": "dwk-cpu",
     "dwk-analyze/cpu": "dwk-cpu",
     "dwk-train/gpu": "dwk-gpu",
@@ -146,19 +150,120 @@ def test_parameters_exist_in_flow_signatures(flows):
         assert not unknown, f"{full}: parameters {sorted(unknown)} are not arguments of {flow.fn.__name__}"
 
 
-def test_default_config_parameters_are_valid_run_configs(flows):
-    for full, (dep, _) in flows.items():
-        cfg = (dep.get("parameters") or {}).get("config")
-        if cfg is not None:
-            RunConfig.model_validate(cfg)
+# Deployments run with their parameters as they stand; dwk-train/gpu only ever through run_deployment,
+# which gives all of its arguments.
+RUN_BY_OTHERS = {"dwk-train/gpu"}
 
 
-def test_default_config_is_configs_cluster_yaml(flows):
-    cluster = load_config(CLUSTER_CONFIG)
+@pytest.mark.parametrize("full", sorted(EXPECTED))
+def test_parameters_validate_against_the_flows_parameter_schema(flows, full):
+    """What the server checks (enforce_parameter_schema) and what the flow binds when a run starts."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    dep, flow = flows[full]
+    params = dep.get("parameters") or {}
+    schema = parameter_schema(flow.fn).model_dump_for_openapi()
+    validate(params, schema, raise_on_error=True, ignore_required=full in RUN_BY_OTHERS)
+    if full not in RUN_BY_OTHERS:
+        inspect.signature(flow.fn).bind(**params)  # every argument without a default is given
+        flow.validate_parameters(params)
+
+
+def test_run_config_is_a_path_or_the_object_not_both(flows):
+    """Every dwk flow that takes a run config takes it as config_path or config: the defaults give a path."""
+    for full, (dep, flow) in flows.items():
+        params = inspect.signature(flow.fn).parameters
+        if "config" not in params or full in RUN_BY_OTHERS:
+            continue
+        assert "config_path" in params, f"{full}: {flow.fn.__name__} takes no config_path"
+        assert params["config"].default is None and params["config_path"].default is None, full
+        given = dep.get("parameters") or {}
+        assert "config" not in given and "config_path" in given, f"{full}: the default must be a config_path"
+
+
+def test_default_config_paths_load(flows):
+    """A relative config_path is read on the worker from its checkout (the pull step's DWK_HOME)."""
     for full, (dep, _) in flows.items():
-        cfg = (dep.get("parameters") or {}).get("config")
-        if cfg is not None:
-            assert RunConfig.model_validate(cfg) == cluster, f"{full}: default config differs from {CLUSTER_CONFIG.name}"
+        path = (dep.get("parameters") or {}).get("config_path")
+        if path is None:
+            continue
+        assert not Path(path).is_absolute(), f"{full}: config_path {path} must be relative to the checkout"
+        assert (ROOT / path).is_file(), f"{full}: {path} does not exist"
+        if full.startswith("dwk-train-classifier/"):
+            from dwk.classifier import load_experiment
+
+            load_experiment(ROOT / path)
+        else:
+            load_config(ROOT / path)
+
+
+def test_cpu_deployments_default_to_configs_cluster_yaml(flows):
+    for full in ("dwk-pipeline/cpu", "dwk-extract/cpu", "dwk-analyze/cpu"):
+        assert flows[full][0]["parameters"] == {"config_path": "configs/cluster.yaml"} | (
+            {"track": True} if full == "dwk-pipeline/cpu" else {}), full
+
+
+def test_flows_refuse_both_or_neither_config(tmp_path):
+    from dwk.cluster_setup import resolve_run_config
+    from dwk.errors import ConfigError
+
+    cfg = load_config(CLUSTER_CONFIG)
+    for bad in (dict(config=None, config_path=None), dict(config=cfg, config_path="configs/cluster.yaml")):
+        with pytest.raises(ConfigError, match="exactly one of the two") as err:
+            resolve_run_config(**bad)
+        assert isinstance(err.value, ValueError)
+    with pytest.raises(ConfigError, match="is not a file"):
+        resolve_run_config(None, str(tmp_path / "nothing.yaml"))
+    assert resolve_run_config(cfg, None) is cfg
+    assert resolve_run_config(cfg.model_dump(mode="json"), None) == cfg  # as a deployment parameter (JSON)
+    assert resolve_run_config(None, CLUSTER_CONFIG) == cfg
+
+
+def test_concurrency_limits_per_deployment(flows):
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    limits = {}
+    for full, (dep, _) in flows.items():
+        spec = dep.get("concurrency_limit")
+        if spec is None:
+            continue
+        # The server's own model: a typo in a key or a strategy fails here (prefect.yaml's model ignores it).
+        assert set(spec) <= {"limit", "collision_strategy", "grace_period_seconds"}, f"{full}: {spec}"
+        limits[full] = ConcurrencyLimitConfig.model_validate(spec)
+    assert limits["dwk-pipeline/cpu"].limit == 1
+    assert limits["dwk-pipeline/cpu"].collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+    assert limits["dwk-pipeline/weekly-convnextv2"].collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    assert limits["dwk-train/gpu"].limit >= 1
+    assert limits["dwk-train/gpu"].collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+
+
+def test_train_flow_retries():
+    from flows.train import train_flow
+
+    assert train_flow.retries == 2 and train_flow.retry_delay_seconds == 30
+
+
+def test_weekly_schedule_is_there_and_inactive(flows):
+    from prefect.cli.deploy._models import RawScheduleConfig
+    from prefect.client.schemas.schedules import CronSchedule
+
+    dep, flow = flows["dwk-pipeline/weekly-convnextv2"]
+    assert flow.name == "dwk-pipeline"
+    (schedule,) = dep["schedules"]
+    RawScheduleConfig.model_validate(schedule)  # extra keys forbidden: what `prefect deploy` accepts
+    assert schedule["active"] is False, "the weekly re-scan needs the Hub: inactive until turned on"
+    CronSchedule(cron=schedule["cron"])  # a valid cron expression
+    assert schedule["cron"].split()[2:] == ["*", "*", "1"], "weekly, on Mondays"
+    path = ROOT / dep["parameters"]["config_path"]
+    raw = yaml.safe_load(path.read_text())
+    assert any("pattern" in c for c in raw["checkpoints"]), "the re-scan selects a timm family by pattern"
+    cfg = load_config(path)  # the pattern expands through timm's registry, offline
+    ids = [c.id for c in cfg.checkpoints]
+    assert sum(i.startswith("convnextv2_") for i in ids) >= 5
+    assert any(c.pretrained is False for c in cfg.checkpoints), "null controls"
+    assert any(c.planted is not None for c in cfg.checkpoints), "a planted check"
+    assert cfg.train_deployment in flows
 
 
 def test_pull_steps_need_no_network(project):
@@ -286,17 +391,37 @@ def test_store_volume_is_shared_at_one_path(compose):
     assert data.pop() in (compose.get("volumes") or {}), "/data must be a named volume"
 
 
-# ----------------------------------------------------------------------------- configs/cluster.yaml
-def test_cluster_config_fits_the_stack(compose, flows):
-    cfg = load_config(CLUSTER_CONFIG)
+# ----------------------------------------------------------------------------- configs/cluster.yaml, compose.yaml
+def test_compose_config_fits_the_stack(compose, flows):
+    cfg = load_config(COMPOSE_CONFIG)
     assert cfg.store.is_absolute() and cfg.out.is_absolute()
     assert cfg.store.parts[:2] == ("/", "data") and cfg.out.parts[:2] == ("/", "data")
     host, _, port = cfg.dask.address.removeprefix("tcp://").partition(":")
     assert host in _services(compose) and port == "8786"
     assert cfg.train_deployment in flows
     assert flows[cfg.train_deployment][0]["work_pool"]["name"] == "dwk-gpu"
-    # The same analysis as the embedded demo (dwk/default.yaml), only placed on the stack.
+    assert "configs/compose.yaml" in COMPOSE.read_text()
+
+
+def test_cluster_config_fits_a_stack_started_by_hand(compose, flows):
+    """No compose service names, no /data: the worker resolves store and out in its own checkout."""
+    raw = yaml.safe_load(CLUSTER_CONFIG.read_text())
+    text = CLUSTER_CONFIG.read_text()
+    for name in _services(compose):
+        assert f"{name}:" not in "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")), name
+    assert not Path(raw.get("store", "runs/store.zarr")).is_absolute()
+    assert not Path(raw.get("out", "runs")).is_absolute()
+    assert (raw.get("dask") or {}).get("address") is None, "a hand-started stack has no scheduler at a known address"
+    cfg = load_config(CLUSTER_CONFIG)
+    assert cfg.train_deployment in flows
+    assert flows[cfg.train_deployment][0]["work_pool"]["name"] == "dwk-gpu"
+
+
+@pytest.mark.parametrize("path", [CLUSTER_CONFIG, COMPOSE_CONFIG], ids=["cluster", "compose"])
+def test_stack_configs_analyse_the_embedded_demo(path):
+    cfg = load_config(path)
+    # The same analysis as the embedded demo (dwk/default.yaml), only placed on a stack.
     demo = load_config()
-    assert cfg.checkpoints == demo.checkpoints, "configs/cluster.yaml: checkpoints differ from dwk/default.yaml"
+    assert cfg.checkpoints == demo.checkpoints, f"{path.name}: checkpoints differ from dwk/default.yaml"
     assert cfg.fingerprint() == demo.model_copy(update=dict(train_deployment=cfg.train_deployment)).fingerprint(), \
-        "configs/cluster.yaml: analysis settings differ from dwk/default.yaml (and so the deployments' default config)"
+        f"{path.name}: analysis settings differ from dwk/default.yaml"

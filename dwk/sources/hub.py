@@ -5,7 +5,9 @@ a file downloaded once is never fetched again, and an interrupted download resum
 ``.incomplete`` blob on the next attempt. dwk adds
 
 - a process-wide bound on parallel downloads (``DWK_HUB_MAX_PARALLEL``, default 2), so many mapped
-  extraction tasks do not open dozens of multi-GB transfers at once;
+  extraction tasks do not open dozens of multi-GB transfers at once, and a cluster-wide one: with a
+  Prefect server that has the global concurrency limit ``dwk-hub-downloads`` (``dwk cluster init``),
+  each download holds one of its slots (``dwk.cluster_setup.slot``; nothing without a server or limit);
 - one attempt per call: a transient failure (connection errors, HTTP 408, 429, 5xx) raises
   :class:`~dwk.errors.TransientError`, which the one retry layer retries (``dwk.retry``: Prefect's
   task retries, or ``dwk.retry.call``); missing repos, files or gated access are final;
@@ -108,6 +110,16 @@ def is_transient(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
+def _cluster_slot(offline: bool, what: str):
+    """One slot of the cluster-wide limit ``dwk-hub-downloads`` (``dwk cluster init``) around a download:
+    only with a Prefect server that has the limit (``dwk.cluster_setup.slot``); offline reads need none."""
+    from contextlib import nullcontext
+
+    from dwk import cluster_setup
+
+    return nullcontext(False) if offline else cluster_setup.slot(cluster_setup.HUB_DOWNLOADS, what)
+
+
 class _NotThere(Exception):
     """The file is not in the repo (online) or not in the cache (offline): try the next name."""
 
@@ -124,7 +136,7 @@ def _fetch(repo_id: str, filename: str, revision: str | None, ckpt_id: str, *, o
             f"the Hub is reachable (`dwk sources {ckpt_id} --download`, same HF_HOME) or use a local file: "
             f"{_local_file_hint(ckpt_id)}")
     try:
-        with _slots:
+        with _slots, _cluster_slot(offline, f"download of {repo_id}/{filename}"):
             path = Path(_hf_hub_download(repo_id=repo_id, filename=filename, revision=revision,
                                          cache_dir=cache_dir, local_files_only=offline))
     except Exception as e:  # noqa: BLE001 - classified below; anything else fails this checkpoint alone
