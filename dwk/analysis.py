@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dwk import autoencoder as ae
+from dwk import progress
 from dwk.clusterer import KernelClusterer
 from dwk.clusters import FittedClusters, PaperClusterer, fit_clusters, noise_kernels, tau_curve
 from dwk.config import RunConfig
@@ -161,7 +162,7 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
     paper_lab = np.full(n_all, -1, np.int32) if paper is not None else None
     outside_all = ok & ~in_sample  # scored against the fit, not fitted on (controls; beyond the sample)
     folds = est.new_folds(int(outside_all.sum())) if est is not None else None
-    for a, b in _blocks(n_all, max(cfg.chunk_kernels, 1)):
+    for a, b in progress.track(list(_blocks(n_all, max(cfg.chunk_kernels, 1))), f"assigning {shape} kernels"):
         okb = ok[a:b]
         if not okb.any():
             continue
