@@ -318,6 +318,7 @@ def _extract_command(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "dwk.cli", "extract", "--config", str(cfg_file)], env
 
 
+@pytest.mark.slow  # about 45 s: a dwk extract under a pseudo-terminal (the default suite stays under 10 minutes)
 def test_cli_shows_bars_in_a_terminal(tmp_path, prefect_server):
     """``dwk extract`` (the extraction flow) in a pseudo-terminal: a bar by checkpoint."""
     cmd, env = _extract_command(tmp_path)
