@@ -519,8 +519,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_init(args: argparse.Namespace) -> int:
-    """Create or update the Prefect server's global concurrency limits and work pools (dwk.cluster_setup)."""
-    from dwk import cluster_setup
+    """Create or update the Prefect server's global concurrency limits and work pools (flows/cluster.py)."""
+    from flows import cluster as cluster_setup
 
     for action in cluster_setup.init(gpus=args.gpus, downloads=args.downloads):
         print(action)

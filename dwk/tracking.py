@@ -207,8 +207,8 @@ TAG_PARENT, TAG_GROUP = "mlflow.parentRunId", "dwk.group"
 
 
 def provenance_tags() -> dict[str, str]:
-    """dwk's version and, from a git checkout, its commit (``mlflow.source.git.commit``); the Prefect
-    flow run this process runs in, with a link to it in the Prefect UI."""
+    """dwk's version and, from a git checkout, its commit (``mlflow.source.git.commit``). (Under Prefect,
+    ``tasks/analyze.py`` adds the flow run and its link: the library does not import Prefect.)"""
     import subprocess
     from importlib.metadata import PackageNotFoundError, version
 
@@ -229,19 +229,6 @@ def provenance_tags() -> dict[str, str]:
         if commit:
             tags["mlflow.source.git.commit"] = commit
             tags["dwk.git_dirty"] = str(bool(dirty)).lower()
-    try:
-        from prefect.runtime import flow_run
-
-        fr = flow_run.get_id()
-    except Exception:  # noqa: BLE001 - prefect missing or not in a flow run
-        fr = None
-    if fr:
-        tags[TAG_FLOW_RUN] = str(fr)
-        from prefect.settings import PREFECT_UI_URL
-
-        ui = PREFECT_UI_URL.value()
-        if ui:
-            tags["prefect.flow_run_url"] = f"{ui.rstrip('/')}/runs/flow-run/{fr}"
     return tags
 
 

@@ -6,7 +6,8 @@ import logging
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
-from dwk import analysis, cluster_setup, pipeline
+from dwk import analysis, pipeline
+from flows import cluster as cluster_setup
 from dwk.config import RunConfig
 from dwk.errors import ConfigError
 from flows.train import train_flow

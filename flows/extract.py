@@ -4,7 +4,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dwk import cluster_setup, pipeline, progress, retry, sources
+from dwk import pipeline, progress, retry, sources
+from flows import cluster as cluster_setup
 from dwk.config import RunConfig
 from dwk.errors import CheckpointsFailedError
 from tasks import extract_checkpoint_task

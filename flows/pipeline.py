@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dwk import cluster_setup, pipeline, tracking
+from dwk import pipeline, tracking
+from flows import cluster as cluster_setup
 from dwk.config import RunConfig
 from flows.analyze import analyze_flow
 from flows.extract import bounded

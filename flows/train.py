@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dwk import cluster_setup
+from flows import cluster as cluster_setup
 from dwk.config import RunConfig
 from tasks import train_task
 

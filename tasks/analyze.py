@@ -23,7 +23,13 @@ def start_tracking_task(config: RunConfig, run_id: str, resume: bool = False) ->
     belongs to (and host, pid)."""
     from prefect.runtime import flow_run
 
-    tags = {"prefect.flow_run_id": str(flow_run.get_id())} if flow_run.get_id() else {}
+    tags = {}
+    if fr := flow_run.get_id():
+        from prefect.settings import PREFECT_UI_URL
+
+        tags[tracking.TAG_FLOW_RUN] = str(fr)
+        if ui := PREFECT_UI_URL.value():
+            tags["prefect.flow_run_url"] = f"{ui.rstrip('/')}/runs/flow-run/{fr}"
     return pipeline.open_tracking(config, run_id, run_id if resume else None, tags)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dwk import cluster_setup
+from flows import cluster as cluster_setup
 from dwk.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_slot_does_nothing_without_a_server(monkeypatch, caplog):
         assert cluster_setup.server_url() is None
         with cluster_setup.slot("dwk-gpu", "a training") as held:
             assert held is False
-    assert not [r for r in caplog.records if r.name.startswith("dwk.cluster_setup")]
+    assert not [r for r in caplog.records if r.name.startswith("dwk.cluster")]
 
 
 def test_slot_with_a_missing_limit_is_a_noop_said_once_at_info(prefect_server, caplog):
@@ -132,7 +132,7 @@ def test_slot_with_a_missing_limit_is_a_noop_said_once_at_info(prefect_server, c
             with cluster_setup.slot(name, "a download") as held:
                 assert held is False
     said = [r for r in caplog.records if name in r.getMessage()]
-    assert len(said) == 1 and said[0].levelno == logging.INFO and said[0].name == "dwk.cluster_setup", said
+    assert len(said) == 1 and said[0].levelno == logging.INFO and said[0].name == "dwk.cluster", said
     assert "dwk cluster init" in said[0].getMessage()
     # Prefect's own "do not exist - skipping acquisition" warning is never reached.
     assert not [r for r in caplog.records if "skipping acquisition" in r.getMessage()], caplog.records

@@ -205,7 +205,7 @@ def test_cpu_deployments_default_to_configs_cluster_yaml(flows):
 
 
 def test_flows_refuse_both_or_neither_config(tmp_path):
-    from dwk.cluster_setup import resolve_run_config
+    from flows.cluster import resolve_run_config
     from dwk.errors import ConfigError
 
     cfg = load_config(CLUSTER_CONFIG)

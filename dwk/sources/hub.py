@@ -7,7 +7,7 @@ a file downloaded once is never fetched again, and an interrupted download resum
 - a process-wide bound on parallel downloads (``DWK_HUB_MAX_PARALLEL``, default 2), so many mapped
   extraction tasks do not open dozens of multi-GB transfers at once, and a cluster-wide one: with a
   Prefect server that has the global concurrency limit ``dwk-hub-downloads`` (``dwk cluster init``),
-  each download holds one of its slots (``dwk.cluster_setup.slot``; nothing without a server or limit);
+  each download holds one of its slots (the guard ``flows/cluster.py`` installs; nothing without a server or limit);
 - one attempt per call: a transient failure (connection errors, HTTP 408, 429, 5xx) raises
   :class:`~dwk.errors.TransientError`, which the one retry layer retries (``dwk.retry``: Prefect's
   task retries, or ``dwk.retry.call``); missing repos, files or gated access are final;
@@ -27,6 +27,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,14 +112,23 @@ def is_transient(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
-def _cluster_slot(offline: bool, what: str):
-    """One slot of the cluster-wide limit ``dwk-hub-downloads`` (``dwk cluster init``) around a download:
-    only with a Prefect server that has the limit (``dwk.cluster_setup.slot``); offline reads need none."""
-    from contextlib import nullcontext
+def _no_guard(what: str):
+    return nullcontext(False)
 
-    from dwk import cluster_setup
 
-    return nullcontext(False) if offline else cluster_setup.slot(cluster_setup.HUB_DOWNLOADS, what)
+# What a download runs inside (one attempt): nothing here; under Prefect, flows/cluster.py installs
+# one slot of the cluster-wide limit ``dwk-hub-downloads`` (the library itself never imports Prefect).
+_download_guard: Callable[[str], AbstractContextManager] = _no_guard
+
+
+def set_download_guard(guard: Callable[[str], AbstractContextManager] | None) -> None:
+    """Run every download (not cache-only reads) inside ``guard(description)``; None: no guard."""
+    global _download_guard
+    _download_guard = guard or _no_guard
+
+
+def _cluster_slot(offline: bool, what: str) -> AbstractContextManager:
+    return nullcontext(False) if offline else _download_guard(what)
 
 
 class _NotThere(Exception):

@@ -3,7 +3,7 @@
 ``dwk cluster init`` (:func:`init`) creates or updates, through the Prefect client API,
 
 - the global concurrency limit ``dwk-hub-downloads``: Hugging Face Hub downloads at once, cluster-wide
-  (``dwk.sources.hub`` takes one slot around each download);
+  (``dwk.sources.hub`` takes one slot around each download: the guard this module installs);
 - the global concurrency limit ``dwk-gpu``: trainings on a GPU at once, cluster-wide (``flows/train.py``
   takes one slot while an autoencoder trains on a CUDA device);
 - the work pools ``dwk-cpu`` and ``dwk-gpu`` (type ``process``), when missing.
@@ -14,6 +14,9 @@ It is idempotent: run it again to change a limit (``--gpus 4``). The same with P
 :func:`slot` is how code takes a slot: only when a Prefect API server is configured
 (``PREFECT_API_URL``) and the limit exists there; otherwise it does nothing (a missing limit says so
 once per process, at INFO). :func:`resolve_run_config` is the flows' ``config`` / ``config_path`` rule.
+
+It lives beside the flows, not in ``dwk``: the library stays plain (no Prefect); importing this
+module installs the Hub download guard (``dwk.sources.hub.set_download_guard``).
 """
 from __future__ import annotations
 
@@ -28,11 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dwk.errors import ConfigError, DwkError
+from dwk.sources import hub
 
 if TYPE_CHECKING:
     from dwk.config import RunConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("dwk.cluster")  # under "dwk": in the flow-run logs with dwk's own lines
 
 HUB_DOWNLOADS = "dwk-hub-downloads"
 GPU = "dwk-gpu"
@@ -229,3 +233,10 @@ def _ensure_pool(client, name: str) -> Action:
                                 f"deployments run on process workers; delete it (prefect work-pool delete {name}) "
                                 "and run dwk cluster init again")
     return Action("exists", "work pool", name, f"type {pool.type}" + (", paused" if pool.is_paused else ""))
+
+
+def _hub_download_slot(what: str):
+    return slot(HUB_DOWNLOADS, what)
+
+
+hub.set_download_guard(_hub_download_slot)  # every Hub download of a process that runs the flows
