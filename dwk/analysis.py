@@ -162,6 +162,7 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
     paper_lab = np.full(n_all, -1, np.int32) if paper is not None else None
     outside_all = ok & ~in_sample  # scored against the fit, not fitted on (controls; beyond the sample)
     folds = est.new_folds(int(outside_all.sum())) if est is not None else None
+    first = 0  # outside kernels scored so far: this chunk's folds start here
     for a, b in progress.track(list(_blocks(n_all, max(cfg.chunk_kernels, 1))), f"assigning {shape} kernels"):
         okb = ok[a:b]
         if not okb.any():
@@ -174,8 +175,9 @@ def cluster_shape(store: KernelStore, run_id: str, shape: str, cfg: RunConfig, m
             labels[rows] = primary.clusterer.predict(xb)
             outside = ~in_sample[rows]
             if outside.any():
-                first = int(outside_all[:a].sum())
-                cos[rows[outside]] = est.score_samples(xb[outside], fold=folds[first:first + int(outside.sum())])
+                n_out = int(outside.sum())
+                cos[rows[outside]] = est.score_samples(xb[outside], fold=folds[first:first + n_out])
+                first += n_out
         codes[rows] = ae.encode(model, xb.astype(np.float32))
         if paper_lab is not None:
             paper_lab[rows] = paper.clusterer.predict(xb)
