@@ -170,10 +170,10 @@ def prepare_run(cfg: RunConfig, run_id: str, extracted: list[dict], mlflow_run_i
     old = store.run_meta(run_id)
     if mlflow_run_id:
         meta["mlflow_children"] = _open_children(store, run_id, mlflow_run_id, groups, old.get("mlflow_children") or {})
-    fingerprints = {c["id"]: c.get("fingerprint") for c in old["checkpoints"]}
+    was = {c["id"]: c.get("fingerprint") for c in old["checkpoints"]}
+    now = {c["id"]: c["fingerprint"] for c in ckpts}
     for group, ids in groups.items():
-        same = old["groups"].get(group) == ids and all(fingerprints.get(i) == c["fingerprint"]
-                                                       for i, c in ((c["id"], c) for c in ckpts if c["id"] in ids))
+        same = old["groups"].get(group) == ids and all(was.get(i) == now[i] for i in ids)
         if not same and any(store.stage_record(run_id, group, s) for s in STAGES):
             logger.info("run %s, group %s: its checkpoints changed since the run started: analysed again", run_id, group)
             store.clear_stages(run_id, group)
